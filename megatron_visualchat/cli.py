@@ -1,0 +1,23 @@
+"""``megatron-visualchat <command>``: one console script, subcommands registered in COMMANDS."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> "module:function" taking argv (lazy, so `--help` does not import torch/megatron)
+COMMANDS: dict[str, str] = {}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        names = ", ".join(sorted(COMMANDS)) or "(none yet)"
+        print(f"usage: megatron-visualchat <command> [args]\ncommands: {names}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module, func = COMMANDS[argv[0]].split(":")
+    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""One validated config tree: LLM preset, vision, attention, parallel layout, trainable parts.
+
+Everything is checked up front (``VisualChatConfig.validate``) so that a wrong TP/PP size or option fails in the
+first second with the numbers in the message, not an hour into a 70B job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and what would be valid."""
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """A LLaMA-architecture decoder (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings, optional GQA)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    num_query_groups: Optional[int] = None  # None: multi-head attention (= num_attention_heads)
+    vocab_size: int = 32000
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    make_vocab_size_divisible_by: int = 128
+    untie_embeddings: bool = True
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by * TP``."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.query_groups:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.query_groups}"
+            )
+
+
+LLM_PRESETS: dict[str, LLMConfig] = {
+    "tiny": LLMConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+        vocab_size=256, max_position_embeddings=512, make_vocab_size_divisible_by=8,
+    ),
+    "llama2-7b": LLMConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008),
+    "llama2-13b": LLMConfig(num_layers=40, hidden_size=5120, num_attention_heads=40, ffn_hidden_size=13824),
+    "llama2-70b": LLMConfig(
+        num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8, ffn_hidden_size=28672
+    ),
+}
+
+ATTENTION_MODES = ("mmca", "causal")
+MODALITY_SPLITS = ("none", "kv", "qkv", "qkvo")
+IMAGE_ROWS = ("self", "self+text", "image")
+COMBINES = ("sum", "mean")
+BACKENDS = ("local", "te")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How text and image tokens attend (see shared/design/mmca.md)."""
+
+    mode: str = "mmca"
+    modality_split: str = "none"
+    image_rows: str = "self"
+    combine: str = "sum"
+    backend: str = "local"
+
+    def validate(self) -> None:
+        _choice("attention.mode", self.mode, ATTENTION_MODES)
+        _choice("attention.modality_split", self.modality_split, MODALITY_SPLITS)
+        _choice("attention.image_rows", self.image_rows, IMAGE_ROWS)
+        _choice("attention.combine", self.combine, COMBINES)
+        _choice("attention.backend", self.backend, BACKENDS)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    encoder: str = "tiny"
+    projector: str = "linear"
+    projector_options: dict = field(default_factory=dict)
+    freeze_encoder: bool = True
+    encoder_weights: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainableConfig:
+    """What training changes. DS-VisualChat trains the projector, the image-side split projections and a copy of
+    the input embeddings; the LLM's text weights and the vision encoder stay frozen."""
+
+    projector: bool = True
+    image_projections: bool = True  # the modality-split image-side linears
+    embeddings: bool = False  # a trainable copy of the input embeddings (DS-VisualChat fidelity: True)
+    new_token_rows_only: bool = False  # train only the rows of added special tokens (e.g. <image>, pad)
+    llm: bool = False
+    vision_encoder: bool = False
+
+    def validate(self) -> None:
+        if self.embeddings and self.new_token_rows_only:
+            raise ConfigError("trainable.embeddings and trainable.new_token_rows_only are exclusive: pick one")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Process layout. ``pp_layers`` is an explicit per-stage layer split (e.g. a lighter first stage, which also
+    carries the vision encoder); ``vpp`` is megatron's virtual (interleaved) pipeline size."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: Optional[int] = None
+    pp_layers: Optional[tuple[int, ...]] = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def validate(self, llm: LLMConfig, world_size: Optional[int] = None) -> None:
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if llm.num_attention_heads % self.tp:
+            raise ConfigError(
+                f"tensor parallel size {self.tp} does not divide num_attention_heads={llm.num_attention_heads}"
+            )
+        if llm.query_groups % self.tp:
+            raise ConfigError(
+                f"tensor parallel size {self.tp} does not divide num_query_groups={llm.query_groups}"
+            )
+        if llm.ffn_hidden_size % self.tp:
+            raise ConfigError(f"tensor parallel size {self.tp} does not divide ffn_hidden_size={llm.ffn_hidden_size}")
+        padded = llm.padded_vocab_size(self.tp)
+        if padded % self.tp:  # cannot happen with the padding rule, kept as the documented invariant
+            raise ConfigError(f"tensor parallel size {self.tp} does not divide padded vocab {padded}")
+        if self.pp_layers is not None:
+            if self.vpp is not None:
+                raise ConfigError("parallel.pp_layers and parallel.vpp cannot be combined")
+            if len(self.pp_layers) != self.pp:
+                raise ConfigError(f"parallel.pp_layers={list(self.pp_layers)} has {len(self.pp_layers)} entries, "
+                                  f"expected one per pipeline stage (pp={self.pp})")
+            if any(n < 0 for n in self.pp_layers) or sum(self.pp_layers) != llm.num_layers:
+                raise ConfigError(f"parallel.pp_layers={list(self.pp_layers)} sums to {sum(self.pp_layers)}, "
+                                  f"but the model has num_layers={llm.num_layers}")
+        else:
+            chunks = self.pp * (self.vpp or 1)
+            if llm.num_layers % chunks:
+                what = f"pp={self.pp}" + (f" x vpp={self.vpp}" if self.vpp else "")
+                raise ConfigError(f"pipeline size {what} does not divide num_layers={llm.num_layers}")
+        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
+            raise ConfigError(f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
+        if world_size is not None and world_size != self.world_size:
+            raise ConfigError(
+                f"world size {world_size} != tp({self.tp}) x pp({self.pp}) x dp({self.dp}) = {self.world_size}"
+            )
+
+
+@dataclass(frozen=True)
+class VisualChatConfig:
+    llm: LLMConfig = LLM_PRESETS["tiny"]
+    attention: AttentionConfig = AttentionConfig()
+    vision: VisionConfig = VisionConfig()
+    trainable: TrainableConfig = TrainableConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "VisualChatConfig":
+        _choice("preset", preset, LLM_PRESETS)
+        return cls(llm=LLM_PRESETS[preset], **overrides)
+
+    def replace(self, **changes) -> "VisualChatConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, world_size: Optional[int] = None) -> "VisualChatConfig":
+        self.llm.validate()
+        self.attention.validate()
+        self.trainable.validate()
+        self.parallel.validate(self.llm, world_size)
+        return self
+
+
+def pipeline_layout(parallel: ParallelConfig) -> Optional[list[list[str]]]:
+    """An explicit split as megatron-core's ``pipeline_model_parallel_layout`` (embedding on the first stage,
+    loss on the last)."""
+    if parallel.pp_layers is None:
+        return None
+    stages = [["decoder"] * n for n in parallel.pp_layers]
+    stages[0].insert(0, "embedding")
+    stages[-1].append("loss")
+    return stages
+
+
+def to_transformer_config(cfg: VisualChatConfig, params_dtype: torch.dtype = torch.float32, **extra):
+    """Map to megatron-core's ``TransformerConfig``. It must carry the real TP and PP sizes: megatron-core derives
+    the number of layers each stage builds from them (without PP every stage silently builds all layers)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.validate()
+    llm, par = cfg.llm, cfg.parallel
+    kwargs = dict(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.query_groups,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        kv_channels=llm.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_interleaved=False,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        pipeline_model_parallel_layout=pipeline_layout(par),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        transformer_impl="transformer_engine" if cfg.attention.backend == "te" else "local",
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(extra)
+    return TransformerConfig(**kwargs)

@@ -1,0 +1,214 @@
+"""Fast MMCA attention: FlexAttention with block masks built from the token codes; no [B, H, L, L] tensor.
+
+MMCA needs two separately normalised softmaxes per text row, so it runs two flex_attention calls:
+- text call: text keys j <= i (text rows; also image rows when image_rows="self+text");
+- image call: image keys j < i for text rows (one joint softmax over all earlier images); image keys of the
+  row's own image for image rows when image_rows="image".
+Image rows under "self" / "self+text" add their own value vector v_i (a gather, no attention work).
+flex_attention returns 0 for a row whose key set is empty and logsumexp -inf; the finite-lse flag counts the
+non-empty branches for combine="mean". Masks index the codes of the last Lq positions through tensors, not
+Python ints, so KV-cache decode steps do not recompile.
+
+Causal mode uses torch SDPA (is_causal) when there is no padding, no sample_id and Lq == Lk, else flex.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
+
+from megatron_visualchat.model.mmca.codes import (
+    MODALITY_IMAGE,
+    MODALITY_PAD,
+    MODALITY_TEXT,
+    check_attention_inputs,
+    check_code_values,
+)
+from megatron_visualchat.model.mmca.reference import mmca_attention_reference
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """Key codes [B, Lk] and the query rows' codes [B, Lq] / absolute positions [Lq], all tensors."""
+
+    modality: torch.Tensor
+    image_id: torch.Tensor
+    sample_id: torch.Tensor
+    q_modality: torch.Tensor
+    q_image_id: torch.Tensor
+    q_sample_id: torch.Tensor
+    q_pos: torch.Tensor
+
+    @classmethod
+    def build(cls, modality, image_id, sample_id, len_q: int) -> "_Codes":
+        len_k = modality.shape[1]
+        if sample_id is None:
+            sample_id = torch.zeros_like(modality)
+        q_pos = torch.arange(len_k - len_q, len_k, device=modality.device)
+        return cls(
+            modality, image_id, sample_id,
+            modality[:, -len_q:], image_id[:, -len_q:], sample_id[:, -len_q:], q_pos,
+        )
+
+
+def _text_branch_mask(c: _Codes, image_rows_see_text: bool):
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_modality = c.q_modality[b, q_idx]
+        rows = q_modality == MODALITY_TEXT
+        if image_rows_see_text:
+            rows = rows | (q_modality == MODALITY_IMAGE)
+        return (
+            rows
+            & (c.modality[b, kv_idx] == MODALITY_TEXT)
+            & (kv_idx <= c.q_pos[q_idx])
+            & (c.sample_id[b, kv_idx] == c.q_sample_id[b, q_idx])
+        )
+
+    return mask_mod
+
+
+def _image_branch_mask(c: _Codes, image_rows_attend_own_image: bool):
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_modality = c.q_modality[b, q_idx]
+        rows_keys = (q_modality == MODALITY_TEXT) & (kv_idx < c.q_pos[q_idx])
+        if image_rows_attend_own_image:
+            rows_keys = rows_keys | (
+                (q_modality == MODALITY_IMAGE) & (c.image_id[b, kv_idx] == c.q_image_id[b, q_idx])
+            )
+        return (
+            rows_keys
+            & (c.modality[b, kv_idx] == MODALITY_IMAGE)
+            & (c.sample_id[b, kv_idx] == c.q_sample_id[b, q_idx])
+        )
+
+    return mask_mod
+
+
+def _causal_mask(c: _Codes):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (
+            (c.q_modality[b, q_idx] != MODALITY_PAD)
+            & (c.modality[b, kv_idx] != MODALITY_PAD)
+            & (kv_idx <= c.q_pos[q_idx])
+            & (c.sample_id[b, kv_idx] == c.q_sample_id[b, q_idx])
+        )
+
+    return mask_mod
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention)
+
+
+def _flex_op_eager(q, k, v, block_mask: BlockMask, scale: float):
+    """flex_attention's higher-order op called directly, for CPU inputs that require grad.
+
+    The public frontend refuses them ("FlexAttention does not support backward on CPU"), yet the op it wraps
+    has a dense math forward and an autograd backward that run on CPU. This keeps the flex code path,
+    backward included, testable without a GPU. Its logsumexp is in base 2; only its finiteness is used.
+    """
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
+    from torch.nn.attention.flex_attention import _apply_kernel_options, _identity
+
+    kernel_options = _apply_kernel_options(q, k, v, True, None)
+    out, lse, _ = flex_attention_op(q, k, v, _identity, block_mask.as_tuple(), scale, kernel_options)
+    return out, lse
+
+
+def _flex(q, k, v, mask_mod, scale: float, compile: bool):
+    """One flex_attention call (GQA-aware) -> (out [B,Hq,Lq,D], row_has_keys [B,Hq,Lq] bool)."""
+    batch, _, len_q, _ = q.shape
+    block_mask = create_block_mask(mask_mod, batch, None, len_q, k.shape[2], device=q.device, _compile=compile)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and needs_grad:
+        out, lse = _flex_op_eager(q, k, v, block_mask, scale)
+    else:
+        attend = _compiled_flex_attention() if compile else flex_attention
+        out, aux = attend(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_aux=AuxRequest(lse=True)
+        )
+        lse = aux.lse
+    return out, torch.isfinite(lse)
+
+
+def _mmca_fast(q, k, v, c: _Codes, image_rows: str, combine: str, scale: float, compile: bool):
+    text_out, text_has_keys = _flex(q, k, v, _text_branch_mask(c, image_rows == "self+text"), scale, compile)
+    image_out, image_has_keys = _flex(q, k, v, _image_branch_mask(c, image_rows == "image"), scale, compile)
+    out = text_out.float() + image_out.float()
+    branches = text_has_keys.float() + image_has_keys.float()
+    if image_rows in ("self", "self+text"):
+        is_image_q = (c.q_modality == MODALITY_IMAGE)[:, None, :]
+        v_self = v[:, :, -q.shape[2] :].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        out = out + torch.where(is_image_q[..., None], v_self.float(), 0.0)
+        branches = branches + is_image_q.float()
+    if combine == "mean":
+        out = out / branches.clamp(min=1.0)[..., None]
+    return out.to(q.dtype)
+
+
+def _causal_fast(q, k, v, c: _Codes, image_rows: str, combine: str, scale: float, compile: bool):
+    del image_rows, combine  # causal attention treats every non-pad token alike
+    one_sample = c.sample_id == c.sample_id[:, :1]
+    dense = q.shape[2] == k.shape[2] and not bool((c.modality == MODALITY_PAD).any() | ~one_sample.all())
+    if dense:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    out, _ = _flex(q, k, v, _causal_mask(c), scale, compile)
+    return out
+
+
+_FAST_MODES: dict[str, Callable[..., torch.Tensor]] = {"mmca": _mmca_fast, "causal": _causal_fast}
+
+
+def _mmca_attention_fast(
+    q, k, v, modality, image_id, *,
+    image_rows: str = "self",
+    combine: str = "sum",
+    sample_id: torch.Tensor | None = None,
+    mode: str = "mmca",
+    softmax_scale: float | None = None,
+    compile: bool = True,
+) -> torch.Tensor:
+    """The flex/SDPA path on any device; compile=False runs flex eagerly (slow, dense math; used on CPU tests)."""
+    check_attention_inputs(
+        q, k, v, modality, image_id, sample_id, image_rows=image_rows, combine=combine, mode=mode
+    )
+    check_code_values(modality, image_id)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    codes = _Codes.build(modality, image_id, sample_id, q.shape[2])
+    return _FAST_MODES[mode](q, k, v, codes, image_rows, combine, scale, compile)
+
+
+def mmca_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    modality: torch.Tensor,
+    image_id: torch.Tensor,
+    *,
+    image_rows: str = "self",
+    combine: str = "sum",
+    sample_id: torch.Tensor | None = None,
+    mode: str = "mmca",
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """MMCA (or causal) attention with the semantics of mmca_attention_reference, differentiable.
+
+    On CUDA: compiled FlexAttention (block-sparse, O(L) memory) / SDPA. On other devices it falls back to the
+    dense reference, which is faster than eager flex there. mode="causal" ignores image_rows and combine.
+    """
+    if q.device.type == "cuda":
+        return _mmca_attention_fast(
+            q, k, v, modality, image_id, image_rows=image_rows, combine=combine, sample_id=sample_id,
+            mode=mode, softmax_scale=softmax_scale, compile=True,
+        )
+    return mmca_attention_reference(
+        q, k, v, modality, image_id, image_rows=image_rows, combine=combine, sample_id=sample_id,
+        mode=mode, softmax_scale=softmax_scale,
+    )

@@ -1,0 +1,54 @@
+"""The forward step megatron-core's schedules call, and one call of the schedule for a list of microbatches."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+
+def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean next-token loss over labelled positions. A microbatch without any label contributes a defined zero
+    (the reference code's NaN), while keeping the graph so every trainable parameter gets a gradient."""
+    losses = output_tensor.float()
+    mask = loss_mask.float()
+    num_tokens = mask.sum()
+    loss = (losses * mask).sum() / num_tokens.clamp(min=1.0)
+    return loss, {"lm loss": torch.stack([loss.detach(), num_tokens.detach()])}
+
+
+def gpt_forward_step(data_iterator: Iterator[dict], model):
+    """Forward step for a text-only GPTModel: batch dict with tokens, position_ids, labels, loss_mask."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(masked_lm_loss, batch["loss_mask"])
+
+
+def run_schedule(
+    model_chunks: list,
+    microbatches: Iterable[dict],
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step: Callable = gpt_forward_step,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Run megatron-core's forward/backward schedule for this rank's pipeline stage(s). Returns the loss dicts
+    (non-empty only on the last pipeline stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    microbatches = list(microbatches)
+    # Every virtual-pipeline chunk walks the same microbatches with its own iterator.
+    iterators = [iter(microbatches) for _ in model_chunks]
+    iterator = iterators[0] if len(model_chunks) == 1 else iterators
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterator,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
