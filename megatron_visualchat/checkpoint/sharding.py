@@ -20,6 +20,8 @@ _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?decoder\.layers\.)(?P<idx>\d+)\.(
 # (regex on the parameter name, split kind). First match wins; unmatched tensors are replicated.
 SPLIT_RULES: tuple[tuple[re.Pattern, str], ...] = (
     (re.compile(r"linear_fc1[^.]*\.weight$"), "glu"),
+    (re.compile(r"linear_qkv\.image_weight$"), "column"),  # modality-split image side, same group layout
+    (re.compile(r"linear_proj\.image_weight$"), "row"),
     (re.compile(r"(linear_qkv|linear_q|linear_kv)[^.]*\.(weight|bias)$"), "column"),
     (re.compile(r"linear_fc1[^.]*\.bias$"), "glu"),
     (re.compile(r"(linear_proj|linear_fc2)[^.]*\.weight$"), "row"),

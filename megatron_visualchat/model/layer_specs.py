@@ -1,0 +1,67 @@
+"""``get_mmca_layer_spec``: megatron-core's LLaMA TransformerLayer recipe with MMCA plugged into its slots.
+
+Only three slots change: ``self_attention`` (a narrow subclass that routes image tokens when projections are
+split), its ``core_attention`` (MMCA or causal over token codes) and, per ``modality_split``, ``linear_qkv`` /
+``linear_proj``. Norms and MLP are the stock local (or Transformer-Engine) modules, so state-dict keys stay those
+of megatron-core's GPT spec and converted LLaMA checkpoints load unchanged.
+Room for later options: the ``cross`` mode adds cross-attention slots; mPLUG-Owl2's modality norms replace
+``input_layernorm`` / ``pre_mlp_layernorm``; both register here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_visualchat.config import ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, MODALITY_SPLITS, ConfigError
+from megatron_visualchat.model.mmca.core_attention import MMCACoreAttention
+from megatron_visualchat.model.mmca.self_attention import ModalitySplitSelfAttention
+from megatron_visualchat.model.mmca.split_linear import (
+    ModalitySplitColumnParallelLinear,
+    ModalitySplitRowParallelLinear,
+)
+
+
+def _base_spec(backend: str) -> ModuleSpec:
+    if backend == "local":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron.core.extensions import transformer_engine as te
+
+    if not getattr(te, "HAVE_TE", False):
+        raise ConfigError("attention.backend='te' needs Transformer-Engine, which is not installed here; "
+                          "install transformer-engine[pytorch] (NGC images carry it) or use backend='local'")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def get_mmca_layer_spec(attention_mode: str = "mmca", modality_split: str = "none", backend: str = "local", *,
+                        image_rows: str = "self", combine: str = "sum") -> ModuleSpec:
+    """A TransformerLayer spec for GPTModel. ``attention_mode``: mmca | causal; ``modality_split``: none | kv |
+    qkv | qkvo (image-side projections); ``backend``: local | te."""
+    for name, value, allowed in (("attention_mode", attention_mode, ATTENTION_MODES),
+                                 ("modality_split", modality_split, MODALITY_SPLITS),
+                                 ("backend", backend, BACKENDS), ("image_rows", image_rows, IMAGE_ROWS),
+                                 ("combine", combine, COMBINES)):
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}")
+    if backend == "te" and modality_split != "none":
+        raise ConfigError(f"modality_split={modality_split!r} needs backend='local': Transformer-Engine fuses the "
+                          "input norm into linear_qkv, which the split projection replaces")
+    spec = copy.deepcopy(_base_spec(backend))
+    attn = spec.submodules.self_attention
+    attn.module = ModalitySplitSelfAttention
+    attn.params = {**attn.params, "attn_mask_type": AttnMaskType.arbitrary}
+    subs = attn.submodules
+    subs.core_attention = ModuleSpec(MMCACoreAttention,
+                                     params=dict(mode=attention_mode, image_rows=image_rows, combine=combine))
+    if modality_split in ("kv", "qkv", "qkvo"):
+        subs.linear_qkv = ModuleSpec(ModalitySplitColumnParallelLinear,
+                                     params={"split": "kv" if modality_split == "kv" else "qkv"})
+    if modality_split == "qkvo":
+        subs.linear_proj = ModalitySplitRowParallelLinear
+    return spec

@@ -1,0 +1,26 @@
+"""Deterministic random microbatches with token codes, for tests and benchmarks of the text-side model."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_visualchat.model.mmca.codes import codes_from_layout
+from megatron_visualchat.model.token_codes import pack_token_codes
+
+
+def batch_from_layouts(layouts: list[str], vocab_size: int, seed: int = 0) -> dict:
+    """One microbatch whose rows follow ``layouts`` (see ``codes_from_layout``: t text, digit image, p pad,
+    | packed-sample boundary). Labels are random next tokens on text positions only."""
+    g = torch.Generator().manual_seed(seed)
+    codes = [codes_from_layout(lay) for lay in layouts]
+    lengths = {len(c[0]) for c in codes}
+    if len(lengths) != 1:
+        raise ValueError(f"layouts must have one length, got {sorted(lengths)}")
+    modality, image_id, sample_id = (torch.stack(parts) for parts in zip(*codes))
+    b, s = modality.shape
+    tokens = torch.randint(0, vocab_size, (b, s), generator=g)
+    labels = torch.randint(0, vocab_size, (b, s), generator=g)
+    loss_mask = (modality == 1).float()
+    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
+                position_ids=torch.arange(s).expand(b, s).contiguous(),
+                attention_mask=pack_token_codes(modality, image_id, sample_id))

@@ -1,0 +1,69 @@
+"""Same weights, any layout: load one full (TP=1, PP=1) state dict into this rank's model, run megatron-core's
+schedule, and hand back what the parent needs to compare layouts (last-stage loss, this rank's gradients)."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from megatron_visualchat.checkpoint.sharding import merge_state_dicts, shard_state_dict, stage_layer_range
+from megatron_visualchat.config import LLMConfig, ParallelConfig
+from megatron_visualchat.training.step import gpt_forward_step, run_schedule
+
+
+def current_parallel() -> ParallelConfig:
+    from megatron.core import parallel_state as ps
+
+    return ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(),
+                          pp=ps.get_pipeline_model_parallel_world_size(), dp=ps.get_data_parallel_world_size())
+
+
+def load_full_state_dict(model: torch.nn.Module, full: Mapping[str, torch.Tensor], llm: LLMConfig,
+                         *, tp_rank_override: Optional[int] = None) -> None:
+    """Load this rank's shard of ``full``. Keys the stage does not own are dropped; a key the model owns but the
+    shard lacks is an error. ``tp_rank_override`` loads another rank's shard (to prove tests notice)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_visualchat.model.gpt import stage_flags
+
+    par = current_parallel()
+    pre, post = stage_flags()
+    tp_rank = ps.get_tensor_model_parallel_rank() if tp_rank_override is None else tp_rank_override
+    shard = shard_state_dict(full, tp=par.tp, tp_rank=tp_rank,
+                             layers=stage_layer_range(llm, par, ps.get_pipeline_model_parallel_rank()),
+                             pre_process=pre, post_process=post)
+    own = {k for k in model.state_dict() if "_extra_state" not in k}
+    missing = own - shard.keys()
+    if missing:
+        raise KeyError(f"the full state dict lacks {sorted(missing)[:5]}")
+    model.load_state_dict({k: shard[k] for k in own}, strict=False)
+
+
+def run_step_on_shard(build_model: Callable[[], torch.nn.Module], full: Mapping[str, torch.Tensor],
+                      llm: LLMConfig, batches: list[dict], *, seq_length: int, micro_batch_size: int,
+                      forward_step: Callable = gpt_forward_step, corrupt_tp_order: bool = False) -> dict:
+    """Forward+backward of ``len(batches)`` microbatches on this rank; returns loss (last stage, else None),
+    this rank's parameter gradients (None for frozen ones) and where its shard sits."""
+    from megatron.core import parallel_state as ps
+
+    par = current_parallel()
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    model = build_model()
+    load_full_state_dict(model, full, llm, tp_rank_override=(par.tp - 1 - tp_rank) if corrupt_tp_order else None)
+    losses = run_schedule([model], batches, num_microbatches=len(batches), seq_length=seq_length,
+                          micro_batch_size=micro_batch_size, forward_step=forward_step)
+    loss = sum(float(d["lm loss"][0]) for d in losses) / len(batches) if losses else None
+    grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    return dict(tp_rank=tp_rank, pp_rank=pp_rank, layers=stage_layer_range(llm, par, pp_rank), loss=loss,
+                grads=grads)
+
+
+def merge_rank_results(results: list[dict], tp: int):
+    """(loss, full gradients) from every rank's ``run_step_on_shard`` result; TP ranks must agree on the loss."""
+    losses = [r["loss"] for r in results if r["loss"] is not None]
+    if len(set(losses)) != 1:
+        raise AssertionError(f"last-stage ranks disagree on the loss: {losses}")
+    grads = merge_state_dicts(((r["tp_rank"], r["pp_rank"], r["layers"],
+                                {k: g for k, g in r["grads"].items() if g is not None}) for r in results), tp)
+    return losses[0], grads

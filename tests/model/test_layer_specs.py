@@ -1,0 +1,117 @@
+"""The MMCA layer spec on one process: equals megatron-core's stock spec in causal mode, keeps its state-dict
+keys, gives image-side weights defined zero gradients without images, refuses what it cannot do."""
+
+import pytest
+import torch
+
+from megatron_visualchat.config import LLM_PRESETS, ConfigError, VisualChatConfig
+from megatron_visualchat.testing.batches import batch_from_layouts
+from megatron_visualchat.testing.distributed import run_parallel
+
+LLM = LLM_PRESETS["tiny"]
+
+
+def _model(spec):
+    from megatron_visualchat.model.gpt import build_gpt_model
+
+    torch.manual_seed(3)
+    return build_gpt_model(VisualChatConfig(llm=LLM), spec)
+
+
+def _loss_and_grads(model, batch):
+    loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    loss = (loss * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    loss.backward()
+    return float(loss), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _causal_equals_stock():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+
+    batch = batch_from_layouts(["tttttttttttt", "tttttttttttt"], LLM.vocab_size)
+    stock = _model(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    ours = _model(get_mmca_layer_spec("causal", "none"))
+    assert stock.state_dict().keys() == ours.state_dict().keys()
+    ours.load_state_dict(stock.state_dict())
+    stock_batch = {**batch, "attention_mask": None}  # stock: megatron's own causal mask
+    return _loss_and_grads(stock, stock_batch), _loss_and_grads(ours, batch)
+
+
+def test_causal_mode_without_split_equals_megatron_stock_spec():
+    (l1, g1), (l2, g2) = run_parallel(_causal_equals_stock)[0]
+    assert abs(l1 - l2) < 1e-6
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7)
+
+
+def _split_facts(split):
+    from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+
+    model = _model(get_mmca_layer_spec("mmca", split))
+    sd = model.state_dict()
+    layer = "decoder.layers.0.self_attention."
+    starts_as_copy = {}
+    qkv = sd[layer + "linear_qkv.weight"]
+    if split == "kv":
+        groups, hpg, hn = LLM.query_groups, LLM.num_attention_heads // LLM.query_groups, LLM.head_dim
+        text_kv = qkv.view(groups, hpg + 2, hn, -1)[:, hpg:].reshape(-1, qkv.shape[1])
+        starts_as_copy["qkv"] = torch.equal(sd[layer + "linear_qkv.image_weight"], text_kv)
+    else:
+        starts_as_copy["qkv"] = torch.equal(sd[layer + "linear_qkv.image_weight"], qkv)
+    if split == "qkvo":
+        starts_as_copy["proj"] = torch.equal(sd[layer + "linear_proj.image_weight"], sd[layer + "linear_proj.weight"])
+    text_only = batch_from_layouts(["tttttttttpp", "ttttttttttt"], LLM.vocab_size)
+    _, grads = _loss_and_grads(model, text_only)
+    image_grads = {n: g for n, g in grads.items() if "image_weight" in n}
+    return sorted(sd), starts_as_copy, image_grads
+
+
+@pytest.mark.parametrize("split", ["kv", "qkv", "qkvo"])
+def test_split_projections_start_as_copies_and_get_zero_grads_without_images(split):
+    keys, starts_as_copy, image_grads = run_parallel(_split_facts, args=(split,))[0]
+    extra = {k for k in keys if "image_weight" in k}
+    assert len(extra) == LLM.num_layers * (2 if split == "qkvo" else 1)
+    assert all(starts_as_copy.values()), starts_as_copy
+    assert image_grads and all(g is not None and not g.any() for g in image_grads.values())
+
+
+def _image_side_only_moves_image_tokens():
+    """With only image-side weights trainable, text-token losses before the first image cannot change them."""
+    from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+
+    model = _model(get_mmca_layer_spec("mmca", "qkvo"))
+    for name, p in model.named_parameters():
+        p.requires_grad_("image_weight" in name)
+    batch = batch_from_layouts(["tttt000ttt"], LLM.vocab_size)
+    batch["loss_mask"] = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.float)  # text before image
+    _, g_before = _loss_and_grads(model, batch)
+    before = {n: float(g.abs().sum()) for n, g in g_before.items() if g is not None}
+    model.zero_grad()
+    batch["loss_mask"] = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1]], dtype=torch.float)  # text after image
+    _, g_after = _loss_and_grads(model, batch)
+    after = {n: float(g.abs().sum()) for n, g in g_after.items() if g is not None}
+    frozen_with_grad = [n for n, g in g_after.items() if g is not None and "image_weight" not in n]
+    return before, after, frozen_with_grad
+
+
+def test_gradients_reach_exactly_the_trainable_image_side():
+    before, after, frozen_with_grad = run_parallel(_image_side_only_moves_image_tokens)[0]
+    assert not frozen_with_grad
+    assert set(before) == set(after) and before
+    assert all(v == 0.0 for v in before.values()), "text before the first image must not see image tokens"
+    assert any(v > 0.0 for v in after.values())
+
+
+def test_invalid_options_are_refused():
+    from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+
+    with pytest.raises(ConfigError, match="modality_split='q' is not one of"):
+        get_mmca_layer_spec("mmca", "q")
+    with pytest.raises(ConfigError, match="attention_mode='cross' is not one of"):
+        get_mmca_layer_spec("cross")
+    with pytest.raises(ConfigError, match="Transformer-Engine"):
+        get_mmca_layer_spec("mmca", "none", "te")
+    with pytest.raises(ConfigError, match="needs backend='local'"):
+        get_mmca_layer_spec("mmca", "kv", "te")
