@@ -25,6 +25,20 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
+def visualchat_forward_step(data_iterator: Iterator[dict], model):
+    """Forward step for VisualChatModel: the collator's batch (tokens, labels, loss_mask, position_ids, token
+    codes, pixel_values, num_images). Every stage reads the batch: the codes drive MMCA in all layers."""
+    from megatron_visualchat.model.token_codes import pack_token_codes
+
+    batch = next(data_iterator)
+    codes = batch.get("attention_mask")
+    if codes is None:
+        codes = pack_token_codes(batch["modality"], batch["image_id"], batch.get("sample_id"))
+    output = model(batch["tokens"], batch["position_ids"], codes, labels=batch["labels"],
+                   pixel_values=batch.get("pixel_values"), num_images=batch.get("num_images"))
+    return output, partial(masked_lm_loss, batch["loss_mask"])
+
+
 def run_schedule(
     model_chunks: list,
     microbatches: Iterable[dict],

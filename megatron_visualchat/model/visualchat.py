@@ -1,0 +1,103 @@
+"""VisualChatModel: vision encoder -> projector -> splice into word embeddings -> GPT decoder with MMCA.
+
+Pipeline placement (architecture.md): the first stage holds the vision tower, the word embeddings and its decoder
+layers; later stages only their decoder layers; the last stage the output layer and loss. Token codes come with
+every stage's batch (``attention_mask`` slot), so MMCA works on every stage.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_visualchat.config import TrainableConfig, VisualChatConfig, to_transformer_config
+from megatron_visualchat.model.gpt import build_gpt_model, stage_flags
+from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+from megatron_visualchat.model.splice import splice_image_embeddings
+from megatron_visualchat.model.token_codes import unpack_token_codes
+
+
+class VisualChatModel(MegatronModule):
+    def __init__(self, cfg: VisualChatConfig, *, params_dtype: torch.dtype = torch.float32,
+                 vp_stage: Optional[int] = None):
+        config = to_transformer_config(cfg, params_dtype)
+        super().__init__(config=config)
+        from megatron.core.transformer.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
+        self.cfg = cfg
+        self.pre_process, self.post_process = stage_flags(vp_stage)
+        att = cfg.attention
+        spec = get_mmca_layer_spec(att.mode, att.modality_split, att.backend, image_rows=att.image_rows,
+                                   combine=att.combine)
+        self.language_model = build_gpt_model(cfg, spec, params_dtype=params_dtype, vp_stage=vp_stage,
+                                              transformer_config=config)
+        self.vision = None
+        if self.pre_process:
+            from megatron_visualchat.model.vision import build_vision_tower
+
+            v = cfg.vision
+            self.vision = build_vision_tower(
+                v.encoder, v.projector, cfg.llm.hidden_size,
+                freeze_encoder=v.freeze_encoder and not cfg.trainable.vision_encoder,
+                projector_options=v.projector_options, encoder_weights=v.encoder_weights,
+            ).to(params_dtype)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                num_images: Optional[torch.Tensor] = None):
+        """``attention_mask`` carries the packed token codes. Returns per-token loss [b, s] with labels on the
+        last stage, logits [b, s, V/TP] without, hidden states [s, b, h] on other stages."""
+        decoder_input = None
+        if self.pre_process:
+            embeds = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
+            if pixel_values is None:  # a text-only batch
+                pixel_values = embeds.new_zeros(0, 3, 1, 1)
+            image_embeds = self.vision(pixel_values.to(embeds.dtype))
+            decoder_input = splice_image_embeddings(embeds, image_embeds, unpack_token_codes(attention_mask).modality,
+                                                    num_images)
+        return self.language_model(tokens, position_ids, attention_mask, decoder_input=decoder_input,
+                                   labels=labels)
+
+
+def apply_trainable_policy(model: VisualChatModel, trainable: TrainableConfig,
+                           new_token_rows: tuple[int, ...] = ()) -> list[str]:
+    """Set requires_grad by the policy; returns the trainable parameter names. ``embeddings`` trains the input
+    embeddings, which (untied from the output layer, as in LLaMA-2) is DS-VisualChat's trainable embedding copy:
+    the base rows stay in the frozen LLM checkpoint. ``new_token_rows_only`` trains just the rows of added
+    tokens (gradients of other rows are masked to zero)."""
+    names = []
+    for name, p in model.named_parameters():
+        if name.startswith("vision.projector."):
+            on = trainable.projector
+        elif name.startswith("vision.encoder."):
+            on = trainable.vision_encoder
+        elif name.endswith("image_weight"):
+            on = trainable.image_projections or trainable.llm
+        elif "word_embeddings" in name:
+            on = trainable.llm or trainable.embeddings or trainable.new_token_rows_only
+        else:
+            on = trainable.llm
+        p.requires_grad_(on)
+        if on:
+            names.append(name)
+    if trainable.new_token_rows_only and not trainable.llm and model.pre_process:
+        if not new_token_rows:
+            raise ValueError("trainable.new_token_rows_only needs the ids of the added tokens (new_token_rows)")
+        _mask_embedding_rows(model.language_model.embedding.word_embeddings, new_token_rows)
+    return names
+
+
+def _mask_embedding_rows(embedding, rows: tuple[int, ...]) -> None:
+    """Only the given (global) vocabulary rows receive gradient; this rank holds rows [start, end)."""
+    start, end = embedding.vocab_start_index, embedding.vocab_end_index
+    mask = torch.zeros(end - start, 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
+    for r in rows:
+        if start <= r < end:
+            mask[r - start] = 1
+    embedding.weight.register_hook(lambda g: g * mask)
