@@ -24,3 +24,17 @@ def batch_from_layouts(layouts: list[str], vocab_size: int, seed: int = 0) -> di
     return dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
                 position_ids=torch.arange(s).expand(b, s).contiguous(),
                 attention_mask=pack_token_codes(modality, image_id, sample_id))
+
+
+def visualchat_batch(rows: list[list], image_tokens: int, vocab_size: int, *, seed: int = 0,
+                     image_size: int = 32) -> dict:
+    """A collated-like VisualChat microbatch. Each row is a list of parts: a string of t/p characters, or an int
+    (an image of ``image_tokens`` positions). Rows are right-padded to one length; pixels are random."""
+    layouts = ["".join(p if isinstance(p, str) else str(p) * image_tokens for p in row) for row in rows]
+    length = max(len(lay) for lay in layouts)
+    batch = batch_from_layouts([lay + "p" * (length - len(lay)) for lay in layouts], vocab_size, seed)
+    num_images = torch.tensor([sum(isinstance(p, int) for p in row) for row in rows])
+    g = torch.Generator().manual_seed(seed + 1)
+    batch["pixel_values"] = torch.randn(int(num_images.sum()), 3, image_size, image_size, generator=g)
+    batch["num_images"] = num_images
+    return batch
