@@ -5,11 +5,12 @@ MMCA needs two separately normalised softmaxes per text row, so it runs two flex
 - image call: image keys j < i for text rows (one joint softmax over all earlier images); image keys of the
   row's own image for image rows when image_rows="image".
 Image rows under "self" / "self+text" add their own value vector v_i (a gather, no attention work).
-flex_attention returns 0 for a row whose key set is empty and logsumexp -inf; the finite-lse flag counts the
-non-empty branches for combine="mean". Masks index the codes of the last Lq positions through tensors, not
-Python ints, so KV-cache decode steps do not recompile.
+flex_attention returns 0 for a row whose key set is empty, with logsumexp -inf; the finite-lse flags count
+the non-empty branches for combine="mean". Masks read the query rows' codes and positions from tensors, not
+Python ints, so KV-cache decode steps (growing Lk) do not recompile.
 
-Causal mode uses torch SDPA (is_causal) when there is no padding, no sample_id and Lq == Lk, else flex.
+Causal mode uses torch SDPA (is_causal) when there is no padding, one sample per row and Lq == Lk, else flex.
+Block masks are rebuilt on every call (two per MMCA call).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,47 +58,51 @@ class _Codes:
         )
 
 
-def _text_branch_mask(c: _Codes, image_rows_see_text: bool):
+# A branch is a table rules[query modality, key modality] (pad 0, text 1, image 2) of how a query may see a key
+# of the same sample. One mask_mod code object serves every branch and mode, with the table as a captured
+# tensor: torch.compile guards on code objects and Python constants, so this keeps recompilations to shapes.
+NEVER, UP_TO_SELF, BEFORE, SAME_IMAGE = 0, 1, 2, 3
+_Rules = dict[tuple[int, int], int]
+
+_MMCA_TEXT_RULES: _Rules = {(MODALITY_TEXT, MODALITY_TEXT): UP_TO_SELF}
+_MMCA_IMAGE_RULES: _Rules = {(MODALITY_TEXT, MODALITY_IMAGE): BEFORE}
+_CAUSAL_RULES: _Rules = {
+    (query, key): UP_TO_SELF for query in (MODALITY_TEXT, MODALITY_IMAGE) for key in (MODALITY_TEXT, MODALITY_IMAGE)
+}
+
+
+class _ImageRows(NamedTuple):
+    """What image queries get under one image_rows option, on top of the text-row rules."""
+
+    text_rules: _Rules
+    image_rules: _Rules
+    add_own_value: bool  # o_i += v_i (a gather, no attention work)
+
+
+_IMAGE_ROWS: dict[str, _ImageRows] = {
+    "self": _ImageRows({}, {}, add_own_value=True),
+    "self+text": _ImageRows({(MODALITY_IMAGE, MODALITY_TEXT): BEFORE}, {}, add_own_value=True),
+    "image": _ImageRows({}, {(MODALITY_IMAGE, MODALITY_IMAGE): SAME_IMAGE}, add_own_value=False),
+}
+
+
+def _rule_table(rules: _Rules, device: torch.device) -> torch.Tensor:
+    table = torch.full((3, 3), NEVER, dtype=torch.int32)
+    for (query_modality, key_modality), rule in rules.items():
+        table[query_modality, key_modality] = rule
+    return table.to(device)
+
+
+def _mask_mod(c: _Codes, rules: torch.Tensor):
     def mask_mod(b, h, q_idx, kv_idx):
-        q_modality = c.q_modality[b, q_idx]
-        rows = q_modality == MODALITY_TEXT
-        if image_rows_see_text:
-            rows = rows | (q_modality == MODALITY_IMAGE)
-        return (
-            rows
-            & (c.modality[b, kv_idx] == MODALITY_TEXT)
-            & (kv_idx <= c.q_pos[q_idx])
-            & (c.sample_id[b, kv_idx] == c.q_sample_id[b, q_idx])
+        pos = c.q_pos[q_idx]
+        rule = rules[c.q_modality[b, q_idx], c.modality[b, kv_idx]]
+        allowed = (
+            ((rule == UP_TO_SELF) & (kv_idx <= pos))
+            | ((rule == BEFORE) & (kv_idx < pos))
+            | ((rule == SAME_IMAGE) & (c.image_id[b, kv_idx] == c.q_image_id[b, q_idx]))
         )
-
-    return mask_mod
-
-
-def _image_branch_mask(c: _Codes, image_rows_attend_own_image: bool):
-    def mask_mod(b, h, q_idx, kv_idx):
-        q_modality = c.q_modality[b, q_idx]
-        rows_keys = (q_modality == MODALITY_TEXT) & (kv_idx < c.q_pos[q_idx])
-        if image_rows_attend_own_image:
-            rows_keys = rows_keys | (
-                (q_modality == MODALITY_IMAGE) & (c.image_id[b, kv_idx] == c.q_image_id[b, q_idx])
-            )
-        return (
-            rows_keys
-            & (c.modality[b, kv_idx] == MODALITY_IMAGE)
-            & (c.sample_id[b, kv_idx] == c.q_sample_id[b, q_idx])
-        )
-
-    return mask_mod
-
-
-def _causal_mask(c: _Codes):
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (
-            (c.q_modality[b, q_idx] != MODALITY_PAD)
-            & (c.modality[b, kv_idx] != MODALITY_PAD)
-            & (kv_idx <= c.q_pos[q_idx])
-            & (c.sample_id[b, kv_idx] == c.q_sample_id[b, q_idx])
-        )
+        return allowed & (c.sample_id[b, kv_idx] == c.q_sample_id[b, q_idx])
 
     return mask_mod
 
@@ -105,6 +110,12 @@ def _causal_mask(c: _Codes):
 @functools.cache
 def _compiled_flex_attention():
     return torch.compile(flex_attention)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    # Compiled, the mask_mod is evaluated block by block: no dense [B, Lq, Lk] mask is materialised.
+    return torch.compile(create_block_mask)
 
 
 def _flex_op_eager(q, k, v, block_mask: BlockMask, scale: float):
@@ -122,12 +133,13 @@ def _flex_op_eager(q, k, v, block_mask: BlockMask, scale: float):
     return out, lse
 
 
-def _flex(q, k, v, mask_mod, scale: float, compile: bool):
-    """One flex_attention call (GQA-aware) -> (out [B,Hq,Lq,D], row_has_keys [B,Hq,Lq] bool)."""
+def _flex(q, k, v, c: _Codes, rules: _Rules, scale: float, compile: bool):
+    """One flex_attention call (GQA-aware) over one branch -> (out [B,Hq,Lq,D], row_has_keys [B,Hq,Lq] bool)."""
     batch, _, len_q, _ = q.shape
-    block_mask = create_block_mask(mask_mod, batch, None, len_q, k.shape[2], device=q.device, _compile=compile)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.device.type == "cpu" and needs_grad:
+    make_block_mask = _compiled_create_block_mask() if compile else create_block_mask
+    mask_mod = _mask_mod(c, _rule_table(rules, q.device))
+    block_mask = make_block_mask(mask_mod, batch, None, len_q, k.shape[2], device=q.device)
+    if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _flex_op_eager(q, k, v, block_mask, scale)
     else:
         attend = _compiled_flex_attention() if compile else flex_attention
@@ -139,11 +151,12 @@ def _flex(q, k, v, mask_mod, scale: float, compile: bool):
 
 
 def _mmca_fast(q, k, v, c: _Codes, image_rows: str, combine: str, scale: float, compile: bool):
-    text_out, text_has_keys = _flex(q, k, v, _text_branch_mask(c, image_rows == "self+text"), scale, compile)
-    image_out, image_has_keys = _flex(q, k, v, _image_branch_mask(c, image_rows == "image"), scale, compile)
+    rows = _IMAGE_ROWS[image_rows]
+    text_out, text_has_keys = _flex(q, k, v, c, {**_MMCA_TEXT_RULES, **rows.text_rules}, scale, compile)
+    image_out, image_has_keys = _flex(q, k, v, c, {**_MMCA_IMAGE_RULES, **rows.image_rules}, scale, compile)
     out = text_out.float() + image_out.float()
     branches = text_has_keys.float() + image_has_keys.float()
-    if image_rows in ("self", "self+text"):
+    if rows.add_own_value:
         is_image_q = (c.q_modality == MODALITY_IMAGE)[:, None, :]
         v_self = v[:, :, -q.shape[2] :].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         out = out + torch.where(is_image_q[..., None], v_self.float(), 0.0)
@@ -159,7 +172,7 @@ def _causal_fast(q, k, v, c: _Codes, image_rows: str, combine: str, scale: float
     dense = q.shape[2] == k.shape[2] and not bool((c.modality == MODALITY_PAD).any() | ~one_sample.all())
     if dense:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    out, _ = _flex(q, k, v, _causal_mask(c), scale, compile)
+    out, _ = _flex(q, k, v, c, _CAUSAL_RULES, scale, compile)
     return out
 
 

@@ -1,0 +1,172 @@
+"""The FlexAttention path against the dense reference on random layouts (eager flex on CPU; compiled on CUDA)."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from megatron_visualchat.model.mmca import (
+    MODALITY_IMAGE,
+    MODALITY_TEXT,
+    codes_from_layout,
+    mmca_attention,
+    mmca_attention_reference,
+)
+from megatron_visualchat.model.mmca import fast
+from megatron_visualchat.model.mmca.fast import _mmca_attention_fast
+
+CONFIGS = [("mmca", rows, combine) for rows, combine in itertools.product(["self", "self+text", "image"],
+                                                                          ["sum", "mean"])]
+CONFIGS.append(("causal", "self", "sum"))
+
+
+def random_layout(rng: random.Random, length: int, samples: int, pads: int) -> str:
+    """Alternating runs of text and images (ids from 0 in each packed sample), then `pads` trailing pads."""
+    parts = []
+    for size in _split(rng, length - pads, samples):
+        sample, next_image = "t" * rng.randint(0, 3), 0
+        while len(sample) < size:
+            sample += str(next_image % 10) * rng.randint(2, 6) + "t" * rng.randint(1, 5)
+            next_image += 1
+        parts.append(sample[:size])
+    return "|".join(parts) + "p" * pads
+
+
+def _split(rng, total, parts):
+    cuts = sorted(rng.sample(range(1, total), parts - 1))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+
+
+def random_inputs(seed, length=48, heads_q=4, heads_kv=2, dim=8, len_q=None, dtype=torch.float32):
+    rng = random.Random(seed)
+    layouts = [random_layout(rng, length, samples=2, pads=rng.randint(0, 5)),
+               random_layout(rng, length, samples=1, pads=rng.randint(0, 5))]
+    modality, image_id, sample_id = (torch.stack(c) for c in zip(*map(codes_from_layout, layouts)))
+    gen = torch.Generator().manual_seed(seed)
+    len_q = length if len_q is None else len_q
+    q = torch.randn(2, heads_q, len_q, dim, generator=gen).to(dtype)
+    k = torch.randn(2, heads_kv, length, dim, generator=gen).to(dtype)
+    v = torch.randn(2, heads_kv, length, dim, generator=gen).to(dtype)
+    return (q, k, v, modality, image_id), sample_id
+
+
+def forward_backward(attention, inputs, grad_out, **kwargs):
+    q, k, v = (t.detach().requires_grad_() for t in inputs[:3])
+    out = attention(q, k, v, *inputs[3:], **kwargs)
+    out.backward(grad_out)
+    return out, q.grad, k.grad, v.grad
+
+
+def flex_eager(*args, **kwargs):
+    return _mmca_attention_fast(*args, compile=False, **kwargs)
+
+
+def test_random_layouts_have_images_text_pads_and_packing():
+    (_, _, _, modality, _), sample_id = random_inputs(seed=0)
+    assert (modality == MODALITY_IMAGE).sum() >= 8
+    assert sample_id[0].max() == 1
+
+
+@pytest.mark.parametrize("len_q", [48, 5], ids=["train", "decode"])
+@pytest.mark.parametrize("mode, image_rows, combine", CONFIGS)
+def test_flex_matches_reference_forward_and_backward(mode, image_rows, combine, len_q):
+    seed = CONFIGS.index((mode, image_rows, combine)) + len_q
+    inputs, sample_id = random_inputs(seed, len_q=len_q)
+    kwargs = dict(mode=mode, image_rows=image_rows, combine=combine, sample_id=sample_id)
+    grad_out = torch.randn_like(inputs[0])
+    expected = forward_backward(mmca_attention_reference, inputs, grad_out, **kwargs)
+    got = forward_backward(flex_eager, inputs, grad_out, **kwargs)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    # Without autograd the public flex_attention frontend runs (the grad path calls its op directly).
+    torch.testing.assert_close(flex_eager(*inputs, **kwargs), expected[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, image_rows, combine", [("mmca", "self+text", "mean"), ("mmca", "image", "sum")])
+def test_flex_matches_reference_in_bfloat16(mode, image_rows, combine):
+    inputs, sample_id = random_inputs(seed=7, dtype=torch.bfloat16)
+    kwargs = dict(mode=mode, image_rows=image_rows, combine=combine, sample_id=sample_id)
+    grad_out = torch.randn_like(inputs[0])
+    expected = forward_backward(mmca_attention_reference, inputs, grad_out, **kwargs)
+    got = forward_backward(flex_eager, inputs, grad_out, **kwargs)
+    assert got[0].dtype == torch.bfloat16
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def test_causal_without_pads_or_packing_uses_sdpa(monkeypatch):
+    inputs, _ = random_inputs(seed=3)
+    modality = torch.ones_like(inputs[3])
+    image_id = torch.full_like(inputs[4], -1)
+    inputs = (*inputs[:3], modality, image_id)
+
+    def no_flex(*args, **kwargs):
+        raise AssertionError("flex_attention used where SDPA applies")
+
+    monkeypatch.setattr(fast, "_flex", no_flex)
+    grad_out = torch.randn_like(inputs[0])
+    expected = forward_backward(mmca_attention_reference, inputs, grad_out, mode="causal")
+    got = forward_backward(flex_eager, inputs, grad_out, mode="causal")
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_leaking_image_mask_is_caught(monkeypatch):
+    """The DS-VisualChat leak (text rows see every image, future ones included) must not match the oracle."""
+    inputs, sample_id = random_inputs(seed=11)
+    expected = mmca_attention_reference(*inputs, sample_id=sample_id)
+    torch.testing.assert_close(flex_eager(*inputs, sample_id=sample_id), expected, atol=1e-5, rtol=1e-5)
+    correct_mask_mod = fast._mask_mod
+
+    def leaking_mask_mod(c, rules):
+        correct = correct_mask_mod(c, rules)
+        image_branch = bool(rules[MODALITY_TEXT, MODALITY_IMAGE] == fast.BEFORE)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            leak = (c.q_modality[b, q_idx] == MODALITY_TEXT) & (c.modality[b, kv_idx] == MODALITY_IMAGE)
+            return correct(b, h, q_idx, kv_idx) | (leak & image_branch)
+
+        return mask_mod
+
+    monkeypatch.setattr(fast, "_mask_mod", leaking_mask_mod)
+    assert not torch.allclose(flex_eager(*inputs, sample_id=sample_id), expected, atol=1e-3)
+
+
+def test_public_function_on_cpu_is_the_reference():
+    inputs, sample_id = random_inputs(seed=5)
+    torch.testing.assert_close(mmca_attention(*inputs, sample_id=sample_id, image_rows="image"),
+                               mmca_attention_reference(*inputs, sample_id=sample_id, image_rows="image"))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled FlexAttention)")
+
+
+@cuda
+@pytest.mark.parametrize("mode, image_rows, combine", CONFIGS)
+def test_compiled_cuda_matches_reference_in_bfloat16(mode, image_rows, combine):
+    # 300 keys: not a multiple of the 128-token flex block.
+    inputs, sample_id = random_inputs(seed=1, length=300, heads_q=8, heads_kv=2, dim=64, dtype=torch.bfloat16)
+    inputs = tuple(t.cuda() for t in inputs)
+    kwargs = dict(mode=mode, image_rows=image_rows, combine=combine, sample_id=sample_id.cuda())
+    grad_out = torch.randn_like(inputs[0])
+    expected = forward_backward(mmca_attention_reference, inputs, grad_out, **kwargs)
+    got = forward_backward(mmca_attention, inputs, grad_out, **kwargs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+@cuda
+def test_compiled_cuda_does_not_materialise_scores():
+    length, heads = 8192, 4
+    inputs, sample_id = random_inputs(seed=2, length=length, heads_q=heads, heads_kv=heads, dim=64,
+                                      dtype=torch.bfloat16)
+    inputs = tuple(t.cuda() for t in inputs)
+    grad_out = torch.randn_like(inputs[0])
+    forward_backward(mmca_attention, inputs, grad_out, sample_id=sample_id.cuda())  # compile outside the window
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    forward_backward(mmca_attention, inputs, grad_out, sample_id=sample_id.cuda())
+    one_score_map = 2 * heads * length * length * 2  # [B, H, L, L] in bf16
+    assert torch.cuda.max_memory_allocated() - before < one_score_map / 4
