@@ -6,7 +6,11 @@ import importlib
 import sys
 
 # subcommand -> "module:function" taking argv (lazy, so `--help` does not import torch/megatron)
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "train": "megatron_visualchat.training.pretrain:main",
+    "hf-to-megatron": "megatron_visualchat.checkpoint.convert:hf_to_megatron_main",
+    "megatron-to-hf": "megatron_visualchat.checkpoint.convert:megatron_to_hf_main",
+}
 
 
 def main(argv=None) -> int:

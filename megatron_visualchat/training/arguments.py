@@ -1,0 +1,148 @@
+"""Megatron-style command-line flags for ``pretrain_vchat`` and their mapping to the config tree."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from megatron_visualchat.config import (
+    ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_PRESETS, MODALITY_SPLITS, AttentionConfig, ConfigError,
+    ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
+)
+
+TRAINABLE_PARTS = {f.name for f in dataclasses.fields(TrainableConfig)}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _trainable(text: str) -> TrainableConfig:
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    if parts == {"all"}:
+        parts = TRAINABLE_PARTS - {"new_token_rows_only"}
+    unknown = parts - TRAINABLE_PARTS
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown trainable part(s) {sorted(unknown)}; choose from "
+                                         f"{sorted(TRAINABLE_PARTS)} or 'all'")
+    return TrainableConfig(**{name: name in parts for name in TRAINABLE_PARTS})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain_vchat", description="Train VisualChat (MMCA) on megatron-core.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--pipeline-layers", type=_int_list, default=None,
+                   help="explicit decoder layers per pipeline stage, e.g. 18,22,20,20 (lighter first stage: it also "
+                        "runs the vision encoder)")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=128)
+    g.add_argument("--seq-length", type=int, default=4096)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-epochs", type=float, default=None, help="alternative to --train-iters")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.1)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", action="store_true")
+    prec.add_argument("--fp16", action="store_true", help="with a dynamic loss scale")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--save", default=None, help="directory for trainable-only checkpoints")
+    g.add_argument("--load", default=None, help="resume from this directory (defaults to --save when it holds one)")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept in --save (0: keep all)")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--export-dir", default=None, help="after training, write the trained weights as safetensors")
+    g.add_argument("--no-progress-bar", action="store_true")
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", choices=sorted(LLM_PRESETS), default="tiny")
+    g.add_argument("--llm-load", default=None, help="converted base LLM checkpoint (tools/convert_checkpoint.py)")
+    g.add_argument("--vision-encoder", default="tiny")
+    g.add_argument("--vision-weights", default=None, help="local encoder weights (file or HF directory)")
+    g.add_argument("--projector", default="linear")
+    g.add_argument("--projector-options", type=json.loads, default={}, help='JSON, e.g. {"pool_out": 16}')
+    g.add_argument("--attention-mode", choices=ATTENTION_MODES, default="mmca")
+    g.add_argument("--modality-split", choices=MODALITY_SPLITS, default="none")
+    g.add_argument("--image-rows", choices=IMAGE_ROWS, default="self")
+    g.add_argument("--combine", choices=COMBINES, default="sum")
+    g.add_argument("--attention-backend", choices=BACKENDS, default="local")
+    g.add_argument("--trainable", type=_trainable, default=TrainableConfig(),
+                   help="comma list of " + ",".join(sorted(TRAINABLE_PARTS)) + " or 'all' (default: projector, "
+                        "image_projections)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", default=[],
+                   help="FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]], repeatable; or a JSON list of dataset specs")
+    g.add_argument("--eval-data", action="append", default=[], help="same syntax as --data")
+    g.add_argument("--synthetic", type=int, default=None,
+                   help="generate the bundled synthetic multi-image set with this many samples and train on it")
+    g.add_argument("--data-cache-dir", default="runs/data", help="where generated data and tokenizers live")
+    g.add_argument("--tokenizer-dir", default=None, help="VisualChatTokenizer directory (tokenizer.model + added)")
+    g.add_argument("--template", default="dsvc")
+    g.add_argument("--max-images", type=int, default=8)
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--pack", action="store_true", help="pack several samples per sequence (sample_id codes)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if (args.train_iters is None) == (args.train_epochs is None):
+        raise ConfigError("give exactly one of --train-iters and --train-epochs")
+    if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
+        raise ConfigError("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
+    if not args.data and args.synthetic is None:
+        raise ConfigError("no training data: give --data FORMAT:PATH (repeatable) or --synthetic N")
+    return args
+
+
+def model_config(args: argparse.Namespace, world_size: int, vocab_size: int | None = None) -> VisualChatConfig:
+    """The validated config tree for these flags on ``world_size`` processes. ``vocab_size`` (the tokenizer's,
+    with added tokens) enlarges the preset's vocabulary when larger."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tp({tp}) x pp({pp})")
+    llm = LLM_PRESETS[args.model_preset]
+    if vocab_size is not None and vocab_size > llm.vocab_size:
+        llm = dataclasses.replace(llm, vocab_size=vocab_size)
+    cfg = VisualChatConfig(
+        llm=llm,
+        attention=AttentionConfig(mode=args.attention_mode, modality_split=args.modality_split,
+                                  image_rows=args.image_rows, combine=args.combine, backend=args.attention_backend),
+        vision=VisionConfig(encoder=args.vision_encoder, projector=args.projector,
+                            projector_options=args.projector_options, encoder_weights=args.vision_weights),
+        trainable=args.trainable,
+        parallel=ParallelConfig(tp=tp, pp=pp, dp=world_size // (tp * pp),
+                                vpp=args.virtual_pipeline_model_parallel_size, pp_layers=args.pipeline_layers),
+    )
+    cfg.validate(world_size)
+    dp = cfg.parallel.dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch-size "
+                          f"({args.micro_batch_size}) x data-parallel size ({dp})")
+    if args.seq_length > llm.max_position_embeddings:
+        raise ConfigError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+                          f"{llm.max_position_embeddings}")
+    return cfg
