@@ -45,6 +45,13 @@ class VisualChatModel(MegatronModule):
                 projector_options=v.projector_options, encoder_weights=v.encoder_weights,
             ).to(params_dtype)
 
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:  # read by megatron-core's finalize_model_grads
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 

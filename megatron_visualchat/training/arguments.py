@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None, help="directory for trainable-only checkpoints")
     g.add_argument("--load", default=None, help="resume from this directory (defaults to --save when it holds one)")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save (when --save is set) and stop when the iteration is a multiple of this")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept in --save (0: keep all)")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=4)

@@ -79,11 +79,16 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _parts(optimizer) -> list:
+    """megatron-core chains one optimizer per parameter group kind (e.g. decay / no decay)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _optimizer_state(optimizer, distributed: bool) -> Optional[dict]:
     """DP-independent optimizer state on DP rank 0 (collective for the distributed optimizer)."""
     if not distributed:
         return {"common": optimizer.state_dict()}
-    param_state = optimizer.get_parameter_state_dp_zero()
+    param_state = [part.get_parameter_state_dp_zero() for part in _parts(optimizer)]
     return {"common": optimizer.state_dict(), "param_state": param_state}
 
 
@@ -150,6 +155,20 @@ def check_compatible(meta: dict, config_record: dict, root: str) -> None:
                              f"{key}={config_record.get(key)!r}; only the data-parallel size may change on resume")
 
 
+def _load_dp_zero_state(part, param_state) -> None:
+    """megatron-core 0.16.1 with torch's AdamW (no Apex/TE) keeps a per-parameter ``step`` the DP-zero state does
+    not carry (``step`` comes back through ``load_state_dict``): set it aside while the shards are copied in.
+    In fp32 the main params are views of the model parameters, so the copy runs under no_grad."""
+    inner = part.optimizer.state
+    steps = {p: st.pop("step") for p, st in inner.items() if "step" in st}
+    try:
+        with torch.no_grad():
+            part.load_parameter_state_from_dp_zero(param_state)
+    finally:
+        for p, step in steps.items():
+            inner[p]["step"] = step
+
+
 def load_checkpoint(root: str, chunks: list, optimizer, scheduler, *, distributed_optimizer: bool,
                     config_record: dict, iteration: Optional[int] = None) -> dict:
     """Restore trainable weights, optimizer, scheduler and RNG. Returns {"iteration", "consumed_samples"}."""
@@ -173,8 +192,8 @@ def load_checkpoint(root: str, chunks: list, optimizer, scheduler, *, distribute
     opt = state["optimizer"]
     optimizer.load_state_dict(opt["common"])
     if distributed_optimizer:
-        optimizer.load_parameter_state_from_dp_zero(opt["param_state"] if ps.get_data_parallel_rank() == 0
-                                                    else None)
+        for part, param_state in zip(_parts(optimizer), opt["param_state"]):
+            _load_dp_zero_state(part, param_state if ps.get_data_parallel_rank() == 0 else None)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {"iteration": state["iteration"], "consumed_samples": state["consumed_samples"]}

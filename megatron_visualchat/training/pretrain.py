@@ -174,19 +174,18 @@ def train(args) -> dict:
         if eval_loader is not None and iteration % args.eval_interval == 0:
             eval_losses.append(evaluate(chunks, eval_loader, args, num_microbatches, seq_length))
             logger.eval(iteration, eval_losses[-1])
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
+        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        if args.save and (exiting or iteration == train_iters or
+                          (args.save_interval and iteration % args.save_interval == 0)):
             checkpointing.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
                                           consumed_samples=train_loader.consumed_samples,
                                           distributed_optimizer=args.use_distributed_optimizer,
                                           config_record=record, keep_last=args.keep_last)
+        if exiting:
+            break
     logger.close()
 
-    # 5. final save and export
-    if args.save and (not args.save_interval or iteration % args.save_interval) and iteration > start["iteration"]:
-        checkpointing.save_checkpoint(args.save, iteration, chunks, optimizer, scheduler,
-                                      consumed_samples=train_loader.consumed_samples,
-                                      distributed_optimizer=args.use_distributed_optimizer, config_record=record,
-                                      keep_last=args.keep_last)
+    # 5. export
     if args.export_dir:
         from megatron_visualchat.training.export import export_trained
 

@@ -1,0 +1,47 @@
+import pytest
+
+from megatron_visualchat.config import ConfigError
+from megatron_visualchat.training.arguments import model_config, parse_args
+
+BASE = ["--synthetic", "16", "--train-iters", "2"]
+
+
+def test_defaults_follow_the_ds_visualchat_recipe():
+    args = parse_args(BASE)
+    assert (args.lr, args.lr_warmup_fraction, args.global_batch_size, args.adam_beta1, args.adam_beta2) == (
+        1e-3, 0.1, 128, 0.9, 0.95)
+    assert args.lr_decay_style == "cosine"
+    t = args.trainable
+    assert t.projector and t.image_projections and not t.llm and not t.vision_encoder
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train-iters", "2"], "no training data"),
+    (["--synthetic", "4"], "exactly one of --train-iters and --train-epochs"),
+    (BASE + ["--recompute-granularity", "full"], "needs --recompute-method and --recompute-num-layers"),
+])
+def test_flag_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_trainable_parts_are_validated():
+    with pytest.raises(SystemExit):
+        parse_args(BASE + ["--trainable", "projector,wings"])
+    assert parse_args(BASE + ["--trainable", "all"]).trainable.llm
+
+
+@pytest.mark.parametrize("extra,world,message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "not divisible by micro-batch-size"),
+    (["--tensor-model-parallel-size", "3"], 3, "tensor parallel size 3 does not divide num_attention_heads=4"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by tp(2) x pp(1)"),
+    (["--seq-length", "4096"], 1, "exceeds the model's max_position_embeddings 512"),
+])
+def test_model_config_errors_name_the_numbers(extra, world, message):
+    with pytest.raises(ConfigError, match=message):
+        model_config(parse_args(BASE + ["--global-batch-size", "12"] + extra), world)
+
+
+def test_tokenizer_vocab_enlarges_the_preset():
+    cfg = model_config(parse_args(BASE + ["--global-batch-size", "4"]), 1, vocab_size=514)
+    assert cfg.llm.vocab_size == 514 and cfg.llm.padded_vocab_size(1) == 520
