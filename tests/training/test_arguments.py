@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from megatron_visualchat.config import ConfigError
@@ -38,7 +40,7 @@ def test_trainable_parts_are_validated():
     (["--seq-length", "4096"], 1, "exceeds the model's max_position_embeddings 512"),
 ])
 def test_model_config_errors_name_the_numbers(extra, world, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         model_config(parse_args(BASE + ["--global-batch-size", "12"] + extra), world)
 
 
