@@ -45,5 +45,5 @@ def test_model_config_errors_name_the_numbers(extra, world, message):
 
 
 def test_tokenizer_vocab_enlarges_the_preset():
-    cfg = model_config(parse_args(BASE + ["--global-batch-size", "4"]), 1, vocab_size=514)
+    cfg = model_config(parse_args(BASE + ["--global-batch-size", "4", "--seq-length", "256"]), 1, vocab_size=514)
     assert cfg.llm.vocab_size == 514 and cfg.llm.padded_vocab_size(1) == 520
