@@ -1,0 +1,154 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_visualchat.data import (
+    SKIP_REASONS,
+    BlendPlan,
+    ConversationEncoder,
+    SampleError,
+    VisualChatDataset,
+    build_train_dataset,
+    open_source,
+)
+
+
+def good(name="ok.png"):
+    return {"rounds": [{"images": [name], "question": "What colour is IMAGE#1?", "answer": "red"}]}
+
+
+def one_image(name, question="Colour?"):
+    return {"rounds": [{"images": [name], "question": question, "answer": "red"}]}
+
+
+@pytest.fixture
+def files(tmp_path, write_png):
+    write_png("ok.png")
+    write_png("big.png", size=(100, 100))
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG but not really")
+    full = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(full[: len(full) // 2])
+    return tmp_path
+
+
+def llava_unknown_role(tmp_path):
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([{"image": "ok.png", "conversations": [{"from": "robot", "value": "<image>"},
+                                                                      {"from": "gpt", "value": "x"}]},
+                                {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                                      {"from": "gpt", "value": "red"}]}]))
+    return {"format": "llava", "path": str(path)}
+
+
+CASES = {  # case -> (bad record, expected reason); "unknown_role" uses a LLaVA file
+    "malformed_json": ('{"rounds": [', "malformed_json"),
+    "malformed_conversation": ({"rounds": "nope"}, "malformed_conversation"),
+    "empty_conversation": ({"rounds": []}, "empty_conversation"),
+    "image_count_mismatch": (
+        {"rounds": [{"images": ["ok.png"], "question": "<image> <image>?", "answer": "a"}]}, "image_count_mismatch"),
+    "missing_image": (one_image("does-not-exist.png"), "missing_image"),
+    "corrupt_image": (one_image("garbage.png"), "corrupt_image"),
+    "truncated_image": (one_image("truncated.png"), "corrupt_image"),
+    "image_too_large": (one_image("big.png"), "image_too_large"),
+    "too_long": (one_image("ok.png", question="red green blue " * 200), "too_long"),
+    "too_many_images": ({"rounds": [{"images": ["ok.png"] * 3, "question": "q", "answer": "a"}]}, "too_many_images"),
+    "unknown_role": (None, "unknown_role"),
+}
+
+
+def dataset_for(case, files, write_jsonl, tok, strict=False):
+    if case == "unknown_role":
+        spec = llava_unknown_role(files)
+    else:
+        spec = {"format": "jsonl", "path": write_jsonl("d.jsonl", [CASES[case][0], good()])}
+    return build_train_dataset([spec], tok, num_image_tokens=4, max_seq_len=300, max_images_per_sample=2, seed=0,
+                               strict=strict, max_image_pixels=5000)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_skipped_and_counted_by_reason(case, files, write_jsonl, tok, caplog):
+    reason = CASES[case][1]
+    ds = dataset_for(case, files, write_jsonl, tok)
+    with caplog.at_level(logging.WARNING, logger="megatron_visualchat.data"):
+        samples = [ds[i] for i in range(len(ds))]
+    assert ds.skipped == {reason: 1}
+    assert sum(s["skipped"].get(reason, 0) for s in samples) == 1
+    assert all(len(s["images"]) == len(s["image_positions"]) == 1 for s in samples)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and reason in warnings[0]
+    assert "d.jsonl:line 1" in warnings[0] or "llava.json[0]" in warnings[0]
+
+
+def test_warning_once_per_reason_but_every_skip_counted(files, write_jsonl, tok, caplog):
+    path = write_jsonl("d.jsonl", [one_image("gone1.png"), one_image("gone2.png"), good()])
+    ds = build_train_dataset([{"format": "jsonl", "path": path}], tok, num_image_tokens=4, max_seq_len=300)
+    with caplog.at_level(logging.WARNING, logger="megatron_visualchat.data"):
+        for i in range(len(ds)):
+            ds[i]
+    assert ds.skipped["missing_image"] >= 2
+    assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_strict_mode_raises_with_file_and_index(case, files, write_jsonl, tok):
+    ds = dataset_for(case, files, write_jsonl, tok, strict=True)
+    with pytest.raises(SampleError) as e:
+        for i in range(len(ds)):
+            ds[i]
+    assert e.value.reason == CASES[case][1]
+    assert "d.jsonl:line 1" in str(e.value) or "llava.json[0]" in str(e.value)
+
+
+def test_every_skip_reason_is_exercised():
+    assert {reason for _, reason in CASES.values()} == SKIP_REASONS
+
+
+def build(tok, path, members, max_seq_len=500, **kw):
+    source = open_source("jsonl", path)
+    plan = BlendPlan.from_items([(0, np.asarray(members))])
+    encoder = ConversationEncoder(tok, "dsvc", max_seq_len=max_seq_len, num_image_tokens=4)
+    return VisualChatDataset([source], plan, encoder, **kw)
+
+
+def numbered(question, *names):
+    return {"rounds": [{"images": list(names), "question": question, "answer": "red"}]}
+
+
+def test_concatenation_numbers_images_across_samples(files, write_png, write_jsonl, tok):
+    write_png("b.png", (0, 0, 255))
+    path = write_jsonl("d.jsonl", [numbered("IMAGE#2?", "ok.png", "b.png"), numbered("IMAGE#1?", "b.png")])
+    sample = build(tok, path, [0, 1])[0]
+    text = tok.decode(sample["input_ids"])
+    assert "### Image 1:\n<image>\n### Image 2:\n<image>\n\n### Question:\nimage 2?" in text
+    assert "### Image 3:\n<image>\n\n### Question:\nimage 3?" in text and text.count("You are a helpful") == 1
+    assert [np.asarray(im)[0, 0].tolist() for im in sample["images"]] == [[255, 0, 0], [0, 0, 255], [0, 0, 255]]
+    assert sample["input_ids"][sample["image_positions"]].eq(tok.image_id).all()
+    assert sample["labels"].dtype == torch.long and sample["labels"].shape == sample["input_ids"].shape
+
+
+def test_a_failing_member_is_dropped_and_the_rest_kept(files, write_jsonl, tok):
+    path = write_jsonl("d.jsonl", [numbered("a?", "ok.png"), numbered("b?", "gone.png"), numbered("c?", "ok.png")])
+    ds = build(tok, path, [0, 1, 2])
+    sample = ds[0]
+    text = tok.decode(sample["input_ids"])
+    assert "a?" in text and "b?" not in text and "### Image 2:\n<image>\n\n### Question:\nc?" in text
+    assert ds.skipped == {"missing_image": 1} and sample["skipped"] == {"missing_image": 1}
+    assert len(sample["images"]) == 2
+
+
+def test_truncation_in_the_dataset_keeps_images_consistent(files, write_jsonl, tok):
+    path = write_jsonl("d.jsonl", [numbered("a?", "ok.png"), numbered("b?", "ok.png", "ok.png")])
+    full = build(tok, path, [0, 1])[0]
+    first = build(tok, path, [0])[0]
+    cut = build(tok, path, [0, 1], max_seq_len=len(full["input_ids"]) + 3 * 3 - 1)[0]
+    assert torch.equal(cut["input_ids"], first["input_ids"]) and len(cut["images"]) == 1
+    assert not build(tok, path, [0, 1]).skipped
+
+
+def test_all_items_unusable_is_an_error(files, write_jsonl, tok):
+    path = write_jsonl("d.jsonl", [one_image("gone.png")])
+    with pytest.raises(RuntimeError, match="missing_image"):
+        build(tok, path, [0])[0]
