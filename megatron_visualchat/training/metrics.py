@@ -60,12 +60,14 @@ class MetricsLogger:
             (self.bar.write if self.bar else print)(line)
         return metrics
 
-    def eval(self, iteration: int, loss: float) -> None:
+    def eval(self, iteration: int, loss: float, accuracy: float) -> None:
         if not self.enabled:
             return
         if self.writer:
             self.writer.add_scalar("eval/loss", loss, iteration)
-        (self.bar.write if self.bar else print)(f"iter {iteration:6d} | eval loss {loss:.4f}")
+            self.writer.add_scalar("eval/answer_accuracy", accuracy, iteration)
+        (self.bar.write if self.bar else print)(
+            f"iter {iteration:6d} | eval loss {loss:.4f} | held-out answer accuracy {accuracy:.1%}")
 
     def close(self) -> None:
         if self.bar:

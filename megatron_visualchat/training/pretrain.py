@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_visualchat.config import VisualChatConfig
 from megatron_visualchat.training import checkpointing
+from megatron_visualchat.training.accuracy import answer_accuracy
 from megatron_visualchat.training.arguments import model_config, parse_args
 from megatron_visualchat.training.data_setup import build_loaders, load_tokenizer
 from megatron_visualchat.training.metrics import MetricsLogger
@@ -114,7 +115,8 @@ def config_record(cfg: VisualChatConfig, args) -> dict:
 
 
 def train(args) -> dict:
-    """Run training; returns {"losses": [...per step], "eval_losses": [...], "iteration": n} (same on all ranks)."""
+    """Run training; returns {"losses": [...per step], "eval_losses"/"eval_accuracy": [...per eval], "iteration": n,
+    ...} (same values on all ranks)."""
     from megatron.core import parallel_state as ps
 
     # 1. tokenizer and config (the tokenizer's added tokens may enlarge the vocabulary)
@@ -152,7 +154,7 @@ def train(args) -> dict:
                            tensorboard_dir=args.tensorboard_dir, progress_bar=not args.no_progress_bar,
                            start_iter=start["iteration"])
     batches = _batches(train_loader)
-    losses, eval_losses = [], []
+    losses, eval_losses, eval_accuracy = [], [], []
     iteration = start["iteration"]
     while iteration < train_iters:
         microbatches = [next(batches) for _ in range(num_microbatches)]
@@ -171,9 +173,11 @@ def train(args) -> dict:
         logger.step(iteration, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, tokens=tokens,
                     image_tokens=image_tokens, skipped=Counter(train_loader.skipped),
                     log=iteration % args.log_interval == 0)
-        if eval_loader is not None and iteration % args.eval_interval == 0:
+        if eval_loader is not None and (iteration % args.eval_interval == 0 or iteration == train_iters):
             eval_losses.append(evaluate(chunks, eval_loader, args, num_microbatches, seq_length))
-            logger.eval(iteration, eval_losses[-1])
+            eval_accuracy.append(answer_accuracy(chunks, eval_loader, num_microbatches=num_microbatches,
+                                                 seq_length=seq_length, micro_batch_size=args.micro_batch_size))
+            logger.eval(iteration, eval_losses[-1], eval_accuracy[-1])
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
         if args.save and (exiting or iteration == train_iters or
                           (args.save_interval and iteration % args.save_interval == 0)):
@@ -190,7 +194,7 @@ def train(args) -> dict:
         from megatron_visualchat.training.export import export_trained
 
         export_trained(chunks, cfg, tokenizer, args.export_dir, record)
-    return {"losses": losses, "eval_losses": eval_losses, "iteration": iteration,
+    return {"losses": losses, "eval_losses": eval_losses, "eval_accuracy": eval_accuracy, "iteration": iteration,
             "skipped": dict(train_loader.skipped), "dp": dp, "pp_rank": ps.get_pipeline_model_parallel_rank()}
 
 
