@@ -1,5 +1,6 @@
 """VisualChatModel (vision on the first stage, projector, in-order splicing, MMCA) gives the same loss and
-gradients at TP=2, PP=2 and TP=2 x PP=2 as at TP=1 from the same weights, with images in the batch."""
+gradients at TP=2, PP=2, TP=2 x PP=2 and PP=2 with 2 virtual stages (interleaved schedule) as at TP=1 from the
+same weights, with images in the batch."""
 
 import pytest
 import torch
@@ -45,10 +46,10 @@ def _batches():
     return out
 
 
-def _build():
+def _build(vp_stage=None):
     from megatron_visualchat.model.visualchat import VisualChatModel, apply_trainable_policy
 
-    model = VisualChatModel(_cfg())
+    model = VisualChatModel(_cfg(), vp_stage=vp_stage)
     apply_trainable_policy(model, model.cfg.trainable)
     return model
 
@@ -88,10 +89,10 @@ def test_only_policy_trainable_parameters_get_gradients(reference):
     assert zero == [f"language_model.decoder.layers.{LLM.num_layers - 1}.self_attention.linear_proj.image_weight"]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_layouts_match_single_process(full, reference, tp, pp):
+@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)])
+def test_layouts_match_single_process(full, reference, tp, pp, vpp):
     ref_loss, ref_grads = reference
-    loss, grads = merge_rank_results(run_parallel(_step, tp=tp, pp=pp, args=(full,)), tp)
+    loss, grads = merge_rank_results(run_parallel(_step, tp=tp, pp=pp, vpp=vpp, args=(full,)), tp)
     assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
