@@ -10,6 +10,8 @@ COMMANDS: dict[str, str] = {
     "train": "megatron_visualchat.training.pretrain:main",
     "hf-to-megatron": "megatron_visualchat.checkpoint.convert:hf_to_megatron_main",
     "megatron-to-hf": "megatron_visualchat.checkpoint.convert:megatron_to_hf_main",
+    "chat": "megatron_visualchat.inference.cli:main",
+    "eval-replay": "megatron_visualchat.inference.cli:eval_main",
 }
 
 

@@ -1,0 +1,139 @@
+"""``megatron-visualchat chat`` and ``megatron-visualchat eval-replay``.
+
+One process per tensor-parallel rank: ``--tp 1`` runs as a plain command, ``--tp N`` under
+``torchrun --nproc_per_node N``. Every rank builds its shard of the model from the chat checkpoint (``--load``,
+see ``inference/checkpoint.py``); rank 0 talks to the user or writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, TextIO
+
+import torch
+
+from megatron_visualchat.data.templates import TEMPLATES
+from megatron_visualchat.inference.sampling import SamplingParams
+from megatron_visualchat.inference.session import DEFAULT_MAX_IMAGES, ChatSession
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load", required=True, help="chat checkpoint directory (model.safetensors, "
+                                                      "visualchat_config.json, tokenizer files)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size = number of processes (torchrun)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), default="dsvc",
+                        help="chat format; must be the one the model was trained with")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="per round (DS-VisualChat: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="per conversation")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="context window in positions (default: the model's max_position_embeddings)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="re-encode the whole history and all images every round (DS-VisualChat's way) "
+                             "instead of reusing the KV cache")
+
+
+def init_inference_parallel(tp: int, seed: int):
+    """Bring up TP=``tp`` process groups (or reuse ones already set up with that size); returns ParallelInfo."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_visualchat.config import ParallelConfig
+    from megatron_visualchat.parallel import initialize_parallel, parallel_info
+
+    if tp < 1:
+        raise ValueError(f"--tp {tp} must be >= 1")
+    if dist.is_initialized() and ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != tp or dist.get_world_size() != tp:
+            raise ValueError(f"--tp {tp} does not match the running process groups (world size "
+                             f"{dist.get_world_size()}, TP {ps.get_tensor_model_parallel_world_size()})")
+        return parallel_info()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world != tp:
+        raise ValueError(f"--tp {tp} needs {tp} processes but WORLD_SIZE={world}: launch with "
+                         f"`torchrun --nproc_per_node {tp} ...` (inference is tensor-parallel only)")
+    return initialize_parallel(ParallelConfig(tp=tp), seed)
+
+
+def _session(args) -> tuple[ChatSession, object]:
+    from megatron_visualchat.inference.checkpoint import build_chat_model
+
+    # megatron-core's and torch.distributed's internal notices (apex missing, deprecated collectives, CUDA env
+    # hints) would interleave with the streamed answers and say nothing a chat user can act on.
+    warnings.filterwarnings("ignore", module=r"(megatron\.core|torch\.distributed)(\.|$)")
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)  # checked before the (slow) model build
+    info = init_inference_parallel(args.tp, args.seed)
+    model, tokenizer, _ = build_chat_model(args.load, dtype=DTYPES[args.dtype], device=info.device)
+    session = ChatSession(model, tokenizer, template=args.template, sampling=sampling, max_images=args.max_images,
+                          max_length=args.max_length, reuse_cache=not args.recompute)
+    return session, info
+
+
+def _describe(session: ChatSession, args) -> str:
+    att = session.model.cfg.attention
+    return (f"megatron-visualchat chat · {args.load} · attention {att.mode} (split {att.modality_split}) · "
+            f"TP={args.tp} · {args.dtype} · {'recompute every round' if args.recompute else 'KV cache reused'}")
+
+
+def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None,
+         stdout: Optional[TextIO] = None) -> int:
+    from megatron_visualchat.inference.repl import ChatRepl
+
+    parser = argparse.ArgumentParser(prog="megatron-visualchat chat", description="multi-round, multi-image chat")
+    _model_arguments(parser)
+    parser.add_argument("--image", action="append", default=[], help="image(s) attached to the first message")
+    args = parser.parse_args(argv)
+    session, info = _session(args)
+    repl = ChatRepl(session, is_main=info.rank == 0, stdin=stdin, stdout=stdout)
+    repl.say(_describe(session, args))
+    if info.rank == 0 and args.image:
+        repl.attach(args.image)
+    repl.run()
+    return 0
+
+
+def eval_main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None) -> int:
+    from megatron_visualchat.inference.eval_replay import (
+        load_eval_file, replay, summarize, summary_table, write_csv, write_jsonl,
+    )
+
+    parser = argparse.ArgumentParser(prog="megatron-visualchat eval-replay",
+                                     description="replay scripted conversations into CSV/JSONL, score, summarise")
+    _model_arguments(parser)
+    parser.add_argument("--data", required=True, help="evaluation JSON (DS-VisualChat eval_data format)")
+    parser.add_argument("--image-root", default=None, help="base for relative image paths (default: cwd)")
+    parser.add_argument("--out-dir", required=True, help="writes results.csv, results.jsonl, summary.md")
+    args = parser.parse_args(argv)
+    out = stdout or sys.stdout
+    conversations = load_eval_file(args.data, args.image_root)  # fail on a bad file before building the model
+    session, info = _session(args)
+    main_rank = info.rank == 0
+
+    def progress(rec):
+        if main_rank:
+            status = f"error: {rec.error}" if rec.error else f"{rec.new_tokens} tokens, {rec.seconds:.2f} s"
+            out.write(f"{rec.conversation} round {rec.round}: {status}\n")
+            out.flush()
+
+    records = replay(session, conversations, on_record=progress)
+    if main_rank:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(records, out_dir / "results.csv")
+        write_jsonl(records, out_dir / "results.jsonl")
+        table = summary_table(summarize(records))
+        (out_dir / "summary.md").write_text(f"# eval-replay {args.data}\n\n{table}")
+        out.write(table)
+        out.flush()
+    return 0

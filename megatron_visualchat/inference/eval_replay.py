@@ -1,0 +1,220 @@
+"""Replay scripted multi-round, multi-image conversations (DS-VisualChat's ``eval/eval_data/*.json``) through a
+chat session, write every round to CSV and JSONL, score rounds that carry a reference, and summarise.
+
+Input: a JSON object ``{conversation name: [round, ...]}``. A round is DS-VisualChat's list form
+``[question]`` / ``[question, "img1.jpg img2.jpg"]`` (paths separated by spaces), or an object
+
+    {"question": str, "images": "a.jpg b.jpg" | [paths], "answer": str | [str, ...] | [x1, y1, x2, y2],
+     "scorer": "exact_match" | "vqa_accuracy" | "box_iou", "box_format": "pixel" | "normalized",
+     "box_image": k}
+
+``answer`` is the reference; without ``scorer`` a 4-number answer is scored with ``box_iou`` and text with
+``exact_match``. A box refers to image ``box_image`` of the conversation (1-based; default the last one shown).
+Relative image paths are resolved against ``image_root`` (DS-VisualChat's files use paths relative to its repo).
+
+Each conversation starts from a cleared session, and each round's answer (the model's own) stays in the history,
+as in DS-VisualChat's ``batch_generation.py``. A round whose input fails (missing image, context full) is written
+with its error and the conversation goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from megatron_visualchat.inference.scoring import BOX_FORMATS, ScoreContext, get_scorer
+from megatron_visualchat.inference.session import ChatInputError, ChatSession
+
+_ROUND_KEYS = {"question", "images", "answer", "scorer", "box_format", "box_image"}
+
+
+@dataclass(frozen=True)
+class EvalRound:
+    question: str
+    images: tuple[str, ...] = ()
+    reference: object = None
+    scorer: Optional[str] = None
+    box_format: str = "pixel"
+    box_image: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class EvalConversation:
+    name: str
+    rounds: tuple[EvalRound, ...]
+
+
+def _is_box(value) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)
+
+
+def _parse_round(raw, where: str, image_root: Path) -> EvalRound:
+    if isinstance(raw, list):
+        if not 1 <= len(raw) <= 2 or not all(isinstance(x, str) for x in raw):
+            raise ValueError(f"{where}: a list round is [question] or [question, 'image paths'], got {raw!r}")
+        raw = {"question": raw[0], "images": raw[1] if len(raw) > 1 else ""}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a round is a list or an object, got {type(raw).__name__}")
+    unknown = set(raw) - _ROUND_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ROUND_KEYS)}")
+    question = raw.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string")
+    images = raw.get("images", [])
+    images = images.split() if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError(f"{where}: 'images' must be a string of space-separated paths or a list of paths")
+    reference, scorer = raw.get("answer"), raw.get("scorer")
+    if scorer is not None and reference is None:
+        raise ValueError(f"{where}: scorer {scorer!r} needs a reference 'answer'")
+    if reference is not None and scorer is None:
+        scorer = "box_iou" if _is_box(reference) else "exact_match"
+    if scorer is not None:
+        try:
+            get_scorer(scorer)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    box_format = raw.get("box_format", "pixel")
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"{where}: box_format={box_format!r} is not one of {list(BOX_FORMATS)}")
+    box_image = raw.get("box_image")
+    if box_image is not None and (not isinstance(box_image, int) or box_image < 1):
+        raise ValueError(f"{where}: box_image={box_image!r} must be an image number >= 1")
+    paths = tuple(str(p if Path(p).is_absolute() else image_root / p) for p in images)
+    return EvalRound(question, paths, reference, scorer, box_format, box_image)
+
+
+def load_eval_file(path: Union[str, Path], image_root: Union[str, Path, None] = None) -> list[EvalConversation]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the evaluation file ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a non-empty object {{conversation name: [rounds]}}")
+    root = Path(image_root) if image_root is not None else Path.cwd()
+    conversations = []
+    for name, rounds in data.items():
+        if not isinstance(rounds, list) or not rounds:
+            raise ValueError(f"{path}: conversation {name!r} must be a non-empty list of rounds")
+        conversations.append(EvalConversation(name, tuple(
+            _parse_round(r, f"{path}: conversation {name!r} round {i}", root) for i, r in enumerate(rounds, 1))))
+    return conversations
+
+
+@dataclass
+class RoundRecord:
+    conversation: str
+    round: int  # 1-based
+    images: list[str]
+    image_numbers: list[int]
+    question: str
+    answer: str = ""
+    reference: object = None
+    scorer: Optional[str] = None
+    score: Optional[float] = None
+    score_detail: str = ""
+    finish_reason: str = ""
+    prompt_positions: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _score(session: ChatSession, rnd: EvalRound, answer: str):
+    number = rnd.box_image or len(session.image_sizes)
+    size = session.image_sizes[number - 1] if 1 <= number <= len(session.image_sizes) else None
+    return get_scorer(rnd.scorer)(answer, rnd.reference, ScoreContext(size, rnd.box_format))
+
+
+def replay(session: ChatSession, conversations: list[EvalConversation],
+           on_record: Optional[Callable[[RoundRecord], None]] = None) -> list[RoundRecord]:
+    records = []
+    for conv in conversations:
+        session.clear()
+        for index, rnd in enumerate(conv.rounds, start=1):
+            rec = RoundRecord(conv.name, index, list(rnd.images), [], rnd.question, reference=rnd.reference,
+                              scorer=rnd.scorer)
+            try:
+                turn = session.ask(rnd.question, rnd.images)
+            except ChatInputError as e:
+                rec.error = str(e)
+            else:
+                rec.answer, rec.image_numbers = turn.answer, turn.new_image_numbers
+                rec.finish_reason, rec.prompt_positions = turn.finish_reason, turn.prompt_positions
+                rec.new_tokens, rec.seconds = len(turn.token_ids), turn.seconds
+                if rnd.scorer:
+                    try:
+                        score = _score(session, rnd, turn.answer)
+                    except ValueError as e:
+                        rec.error = f"cannot score: {e}"
+                    else:
+                        rec.score, rec.score_detail = score.value, score.detail
+            records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+    return records
+
+
+CSV_COLUMNS = ("conversation", "round", "images", "image_numbers", "question", "answer", "reference", "scorer",
+               "score", "score_detail", "finish_reason", "prompt_positions", "new_tokens", "seconds", "error")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if all(isinstance(v, (str, int)) for v in value) else json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_csv(records: list[RoundRecord], path: Union[str, Path]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for rec in records:
+            row = asdict(rec)
+            if isinstance(rec.reference, list) and not _is_box(rec.reference):
+                row["reference"] = json.dumps(rec.reference)
+            writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
+
+
+def write_jsonl(records: list[RoundRecord], path: Union[str, Path]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
+
+
+def summarize(records: list[RoundRecord]) -> list[dict]:
+    """One row per scorer (in order of first use) and one for all rounds."""
+    groups: dict[str, list[RoundRecord]] = {}
+    for rec in records:
+        if rec.scorer:
+            groups.setdefault(rec.scorer, []).append(rec)
+    groups["all rounds"] = records
+    rows = []
+    for name, recs in groups.items():
+        ok = [r for r in recs if not r.error]
+        scored = [r.score for r in ok if r.score is not None]
+        rows.append(dict(
+            scorer=name, rounds=len(recs), errors=len(recs) - len(ok),
+            score=(100.0 * sum(scored) / len(recs)) if name != "all rounds" and recs else None,
+            seconds_per_round=sum(r.seconds for r in ok) / len(ok) if ok else None,
+            new_tokens=sum(r.new_tokens for r in ok)))
+    return rows
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown table of ``summarize``'s rows. A round that failed counts as a miss in its scorer's score."""
+    lines = ["| scorer | rounds | errors | score (%) | s / round | new tokens |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        score = "" if r["score"] is None else f"{r['score']:.1f}"
+        secs = "" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.3f}"
+        lines.append(f"| {r['scorer']} | {r['rounds']} | {r['errors']} | {score} | {secs} | {r['new_tokens']} |")
+    return "\n".join(lines) + "\n"
