@@ -21,7 +21,6 @@ import torch
 from megatron_visualchat.inference.kv_cache import KVCache
 from megatron_visualchat.inference.prompt import PAD, TEXT, Chunk
 from megatron_visualchat.inference.sampling import SamplingParams, restrict_vocabulary, sample_tokens
-from megatron_visualchat.model.splice import splice_image_embeddings
 
 FINISH_EOS, FINISH_LENGTH, FINISH_CONTEXT = "eos", "length", "context_full"
 
@@ -39,16 +38,11 @@ def check_inference_layout() -> None:
 def run_chunk(model, cache: KVCache, chunk: Chunk) -> torch.Tensor:
     """Forward the chunk's new positions through the cache; returns the last position's logits [B, V_padded],
     gathered over the TP group. ``model`` is a VisualChatModel in eval mode holding all layers."""
-    lm = model.language_model
     codes = cache.stage(chunk.modality, chunk.image_id)
     b, n = chunk.tokens.shape
     position_ids = torch.arange(cache.length, cache.length + n, device=chunk.tokens.device).expand(b, n)
-    embeds = lm.embedding(input_ids=chunk.tokens, position_ids=position_ids)
-    if chunk.pixel_values is not None:
-        image_embeds = model.vision(chunk.pixel_values.to(embeds.dtype))
-        embeds = splice_image_embeddings(embeds, image_embeds, chunk.modality, chunk.num_images)
-    logits = lm(chunk.tokens, position_ids, codes, decoder_input=embeds, inference_context=cache.context,
-                runtime_gather_output=True)
+    logits = model(chunk.tokens, position_ids, codes, pixel_values=chunk.pixel_values, num_images=chunk.num_images,
+                   inference_context=cache.context, runtime_gather_output=True)
     cache.commit(n)
     return logits[:, -1]
 

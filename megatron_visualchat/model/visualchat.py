@@ -57,19 +57,24 @@ class VisualChatModel(MegatronModule):
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                num_images: Optional[torch.Tensor] = None):
-        """``attention_mask`` carries the packed token codes. Returns per-token loss [b, s] with labels on the
-        last stage, logits [b, s, V/TP] without, hidden states [s, b, h] on other stages."""
+                num_images: Optional[torch.Tensor] = None, inference_context=None,
+                runtime_gather_output: Optional[bool] = None):
+        """``attention_mask`` carries the packed token codes; in KV-cache decode they cover the cached positions
+        too and ``tokens`` are the last of them. Returns per-token loss [b, s] with labels on the last stage,
+        logits [b, s, V/TP] without (gathered with ``runtime_gather_output``), hidden states [s, b, h] on other
+        stages."""
         decoder_input = None
         if self.pre_process:
             embeds = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
             if pixel_values is None:  # a text-only batch
-                pixel_values = embeds.new_zeros(0, 3, 1, 1)
+                side = self.vision.encoder.image_size
+                pixel_values = embeds.new_zeros(0, 3, side, side)
             image_embeds = self.vision(pixel_values.to(embeds.dtype))
-            decoder_input = splice_image_embeddings(embeds, image_embeds, unpack_token_codes(attention_mask).modality,
-                                                    num_images)
+            modality = unpack_token_codes(attention_mask).modality[:, -tokens.shape[1]:]
+            decoder_input = splice_image_embeddings(embeds, image_embeds, modality, num_images)
         return self.language_model(tokens, position_ids, attention_mask, decoder_input=decoder_input,
-                                   labels=labels)
+                                   labels=labels, inference_context=inference_context,
+                                   runtime_gather_output=runtime_gather_output)
 
 
 def apply_trainable_policy(model: VisualChatModel, trainable: TrainableConfig,

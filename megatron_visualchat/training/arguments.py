@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=4)
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--export-dir", default=None, help="after training, write the trained weights as safetensors")
+    g.add_argument("--export-dir", default=None, help="after training, write a chat checkpoint (full weights merged over TP/PP, config, "
+                        "tokenizer) for `megatron-visualchat chat --load DIR`")
     g.add_argument("--no-progress-bar", action="store_true")
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(LLM_PRESETS), default="tiny")

@@ -39,7 +39,7 @@ def _rank_file(directory: str) -> str:
                                    f"{ps.get_pipeline_model_parallel_rank():03d}", "trainable.pt")
 
 
-def _unwrap(chunk):
+def unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
@@ -48,7 +48,7 @@ def _unwrap(chunk):
 def trainable_state_dict(chunks: list) -> list[dict]:
     out = []
     for chunk in chunks:
-        model = _unwrap(chunk)
+        model = unwrap(chunk)
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         out.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names})
     return out
@@ -181,7 +181,7 @@ def load_checkpoint(root: str, chunks: list, optimizer, scheduler, *, distribute
     check_compatible(meta, config_record, root)
     state = torch.load(_rank_file(directory), map_location="cpu", weights_only=True)
     for chunk, saved in zip(chunks, state["model"]):
-        model = _unwrap(chunk)
+        model = unwrap(chunk)
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
         if set(saved) != expected:
             raise ValueError(f"checkpoint {directory} holds trainable parameters {sorted(set(saved) ^ expected)[:5]} "

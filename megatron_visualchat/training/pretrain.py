@@ -193,7 +193,7 @@ def train(args) -> dict:
     if args.export_dir:
         from megatron_visualchat.training.export import export_trained
 
-        export_trained(chunks, cfg, tokenizer, args.export_dir, record)
+        export_trained(chunks, cfg, tokenizer, args.export_dir)
     return {"losses": losses, "eval_losses": eval_losses, "eval_accuracy": eval_accuracy, "iteration": iteration,
             "skipped": dict(train_loader.skipped), "dp": dp, "pp_rank": ps.get_pipeline_model_parallel_rank()}
 

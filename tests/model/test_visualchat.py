@@ -108,3 +108,19 @@ def _new_rows_only():
 def test_new_token_rows_only_trains_just_those_rows():
     rows = run_parallel(_new_rows_only)[0]
     assert rows and set(rows) <= {LLM.vocab_size - 2, LLM.vocab_size - 1}
+
+
+def _text_only_batch():
+    model = _model()
+    batch = visualchat_batch([["tttttt"], ["tttp"]], model.vision.num_output_tokens, LLM.vocab_size)
+    batch.pop("pixel_values")
+    loss = _loss(model, batch)
+    loss.backward()
+    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_text_only_batch_gives_trainable_parameters_zero_grads():
+    loss, grads = run_parallel(_text_only_batch)[0]
+    assert torch.isfinite(torch.tensor(loss))
+    assert grads and all(g is not None for g in grads.values())
+    assert all(not g.any() for n, g in grads.items() if n.startswith("vision.projector."))

@@ -18,10 +18,10 @@ def _train(argv):
 
 @pytest.mark.slow
 def test_tiny_model_learns_multi_image_questions(tmp_path):
-    argv = ["--synthetic", "2000", "--data-cache-dir", str(tmp_path), "--micro-batch-size", "32",
+    argv = ["--synthetic", "2000", "--data-cache-dir", str(tmp_path), "--micro-batch-size", "16",
             "--global-batch-size", "32", "--seq-length", "256", "--train-iters", "400", "--lr", "1e-3",
             "--trainable", "projector,llm,embeddings,image_projections", "--eval-interval", "400",
             "--eval-iters", "2", "--no-progress-bar", "--log-interval", "1000"]
-    result = run_parallel(_train, args=(argv,), timeout=900)[0]
+    result = run_parallel(_train, tp=2, args=(argv + ["--tensor-model-parallel-size", "2"],), timeout=900)[0]
     assert result["losses"][-1] < result["losses"][0] / 5
     assert result["eval_accuracy"][-1] > PRIOR_ONLY_ACCURACY + 0.2, result["eval_accuracy"]
