@@ -1,9 +1,10 @@
 """``get_mmca_layer_spec``: megatron-core's LLaMA TransformerLayer recipe with MMCA plugged into its slots.
 
-Only three slots change: ``self_attention`` (a narrow subclass that routes image tokens when projections are
-split), its ``core_attention`` (MMCA or causal over token codes) and, per ``modality_split``, ``linear_qkv`` /
-``linear_proj``. Norms and MLP are the stock local (or Transformer-Engine) modules, so state-dict keys stay those
-of megatron-core's GPT spec and converted LLaMA checkpoints load unchanged.
+The slots that change: ``self_attention`` (a narrow subclass that routes image tokens when projections are split),
+its ``core_attention`` (MMCA or causal over token codes), per ``modality_split`` ``linear_qkv`` / ``linear_proj``,
+and for the local backend the norms (``model/norms.py``: weights and outputs in the activation dtype). The MLP is
+the stock module; state-dict keys stay those of megatron-core's GPT spec, so converted LLaMA checkpoints load
+unchanged.
 Room for later options: the ``cross`` mode adds cross-attention slots; mPLUG-Owl2's modality norms replace
 ``input_layernorm`` / ``pre_mlp_layernorm``; both register here.
 """
@@ -22,6 +23,7 @@ from megatron_visualchat.model.mmca.split_linear import (
     ModalitySplitColumnParallelLinear,
     ModalitySplitRowParallelLinear,
 )
+from megatron_visualchat.model.norms import RMSNorm
 
 
 def _base_spec(backend: str) -> ModuleSpec:
@@ -64,4 +66,19 @@ def get_mmca_layer_spec(attention_mode: str = "mmca", modality_split: str = "non
                                      params={"split": "kv" if modality_split == "kv" else "qkv"})
     if modality_split == "qkvo":
         subs.linear_proj = ModalitySplitRowParallelLinear
+    if backend == "local":
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def get_mmca_block_spec(config, layer_spec: ModuleSpec, vp_stage=None):
+    """This stage's decoder block: ``layer_spec`` for each of its layers and, for the local backend, our RMSNorm
+    as the final norm (megatron-core would pick its own torch norm for a bare layer spec)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    final_norm = RMSNorm if layer_spec.submodules.input_layernorm is RMSNorm else None
+    if final_norm is None:
+        return layer_spec
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)

@@ -14,7 +14,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_visualchat.config import TrainableConfig, VisualChatConfig, to_transformer_config
 from megatron_visualchat.model.gpt import build_gpt_model, stage_flags
-from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+from megatron_visualchat.model.layer_specs import get_mmca_block_spec, get_mmca_layer_spec
 from megatron_visualchat.model.splice import splice_image_embeddings
 from megatron_visualchat.model.token_codes import unpack_token_codes
 
@@ -30,8 +30,9 @@ class VisualChatModel(MegatronModule):
         self.cfg = cfg
         self.pre_process, self.post_process = stage_flags(vp_stage)
         att = cfg.attention
-        spec = get_mmca_layer_spec(att.mode, att.modality_split, att.backend, image_rows=att.image_rows,
-                                   combine=att.combine)
+        spec = get_mmca_block_spec(config, get_mmca_layer_spec(att.mode, att.modality_split, att.backend,
+                                                               image_rows=att.image_rows, combine=att.combine),
+                                   vp_stage)
         self.language_model = build_gpt_model(cfg, spec, params_dtype=params_dtype, vp_stage=vp_stage,
                                               transformer_config=config)
         self.vision = None

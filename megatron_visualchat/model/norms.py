@@ -1,0 +1,25 @@
+"""RMSNorm that stays in the activation dtype.
+
+megatron-core's local spec wraps ``torch.nn.RMSNorm`` whose weight stays float32 under bf16 activations, so its
+output is promoted to float32 and every following GEMM pays for it (measured 3.7x slower than HF transformers on a
+7B step together with the dense core attention). This norm does its statistics in float32 (``F.rms_norm``
+accumulates in float32) but keeps the weight and the output in the input's dtype, as HF LLaMA does.
+State-dict keys are those of megatron's norm (``weight``), so checkpoints are interchangeable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        if config.sequence_parallel:
+            raise ValueError("sequence_parallel needs Transformer-Engine norms (backend='te')")
+        self.hidden_size, self.eps = hidden_size, eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.hidden_size,), self.weight.to(x.dtype), self.eps)
