@@ -1,9 +1,12 @@
 """Run a function on N local gloo processes with a given (TP, PP, DP): the "2-GPU mock" of Megatron's tests.
 
-Processes are forked from the already-imported test process (importing torch + megatron once costs ~7 s, a fork
-~0.3 s). Each child initialises torch.distributed and megatron-core's groups through the same entry the trainer
-uses, runs the function, and sends back its (picklable) result or its traceback. The parent enforces a deadline,
-kills every child on failure or timeout and reports the first failing rank's traceback, so a test never hangs.
+Ranks are forked from a fork server that imported torch + megatron-core once (~7 s per session instead of per
+process; a fork costs ~0.3 s). Not from the test process itself: once a process has run autograd, children forked
+from it cannot (torch refuses "autograd's threading in combination with fork"), and tests do run backward in
+process. The function and its arguments are pickled, so use module-level functions. Each child initialises
+torch.distributed and megatron-core's groups through the same entry the trainer uses, runs the function, and sends
+back its (picklable) result or its traceback. The parent enforces a deadline, kills every child on failure or
+timeout and reports the first failing rank's traceback, so a test never hangs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PRELOAD = ["torch", "megatron.core", "megatron.core.models.gpt", "megatron.core.pipeline_parallel",
+            "megatron.core.distributed", "megatron.core.optimizer", "megatron_visualchat.model.visualchat",
+            "megatron_visualchat.training.pretrain"]
+
+
+def _fork_server():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 def _child(rank, world_size, parallel, port, seed, fn, args, kwargs, conn) -> None:
@@ -74,7 +88,7 @@ def run_parallel(
     global rank). Raises ``RankFailed`` with the child's traceback, or ``TimeoutError`` naming the silent ranks."""
     parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, vpp=vpp, pp_layers=pp_layers)
     world_size = parallel.world_size
-    ctx = mp.get_context("fork")
+    ctx = _fork_server()
     port = free_port()
     procs, conns = [], []
     for rank in range(world_size):
