@@ -57,6 +57,11 @@ class ImageTransform:
             [*resize, transforms.ToTensor(), transforms.Normalize(preprocess.mean, preprocess.std)]
         )
 
+    @property
+    def image_size(self) -> int:
+        """Side of the square output (the data collator sizes empty pixel batches from it)."""
+        return self.preprocess.image_size
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self._pipeline(image.convert("RGB"))
 
