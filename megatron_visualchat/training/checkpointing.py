@@ -45,6 +45,10 @@ def unwrap(chunk):
     return chunk
 
 
+def _has_trainable(chunks: list) -> bool:
+    return any(p.requires_grad for chunk in chunks for p in unwrap(chunk).parameters())
+
+
 def trainable_state_dict(chunks: list) -> list[dict]:
     out = []
     for chunk in chunks:
@@ -84,8 +88,11 @@ def _parts(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _optimizer_state(optimizer, distributed: bool) -> Optional[dict]:
-    """DP-independent optimizer state on DP rank 0 (collective for the distributed optimizer)."""
+def _optimizer_state(optimizer, distributed: bool, has_trainable: bool) -> Optional[dict]:
+    """DP-independent optimizer state on DP rank 0 (collective for the distributed optimizer). A pipeline stage
+    without trainable parameters (a frozen LLM's middle stages) has none."""
+    if not has_trainable:
+        return None
     if not distributed:
         return {"common": optimizer.state_dict()}
     param_state = [part.get_parameter_state_dp_zero() for part in _parts(optimizer)]
@@ -102,7 +109,7 @@ def save_checkpoint(root: str, iteration: int, chunks: list, optimizer, schedule
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    optimizer_state = _optimizer_state(optimizer, distributed_optimizer)
+    optimizer_state = _optimizer_state(optimizer, distributed_optimizer, _has_trainable(chunks))
     if ps.get_data_parallel_rank() == 0:
         path = _rank_file(tmp)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -172,8 +179,6 @@ def _load_dp_zero_state(part, param_state) -> None:
 def load_checkpoint(root: str, chunks: list, optimizer, scheduler, *, distributed_optimizer: bool,
                     config_record: dict, iteration: Optional[int] = None) -> dict:
     """Restore trainable weights, optimizer, scheduler and RNG. Returns {"iteration", "consumed_samples"}."""
-    from megatron.core import parallel_state as ps
-
     iteration = latest_iteration(root) if iteration is None else iteration
     directory = _iter_dir(root, iteration)
     with open(os.path.join(directory, "meta.json")) as f:
@@ -187,13 +192,20 @@ def load_checkpoint(root: str, chunks: list, optimizer, scheduler, *, distribute
             raise ValueError(f"checkpoint {directory} holds trainable parameters {sorted(set(saved) ^ expected)[:5]} "
                              "that differ from this run's trainable set (another --trainable policy?)")
         model.load_state_dict(saved, strict=False)
+    opt = state["optimizer"]
+    if opt is not None:
+        _load_optimizer(optimizer, opt, distributed_optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return {"iteration": state["iteration"], "consumed_samples": state["consumed_samples"]}
+
+
+def _load_optimizer(optimizer, opt: dict, distributed_optimizer: bool) -> None:
+    from megatron.core import parallel_state as ps
+
     # Rebuild fp32 main params from the restored weights, then the optimizer state on top.
     optimizer.reload_model_params()
-    opt = state["optimizer"]
     optimizer.load_state_dict(opt["common"])
     if distributed_optimizer:
         for part, param_state in zip(_parts(optimizer), opt["param_state"]):
             _load_dp_zero_state(part, param_state if ps.get_data_parallel_rank() == 0 else None)
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return {"iteration": state["iteration"], "consumed_samples": state["consumed_samples"]}

@@ -28,9 +28,13 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_stop_and_resume_reproduces_the_straight_run(cache, tmp_path, tp, pp):
-    layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+FROZEN_LAST_STAGE = ["--modality-split", "none", "--trainable", "projector", "--use-distributed-optimizer"]
+
+
+@pytest.mark.parametrize("tp,pp,extra", [(2, 1, []), (1, 2, []), (1, 2, FROZEN_LAST_STAGE)],
+                         ids=["tp2", "pp2", "pp2-frozen-last-stage"])
+def test_stop_and_resume_reproduces_the_straight_run(cache, tmp_path, tp, pp, extra):
+    layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp), *extra]
     straight = run_parallel(_train, tp=tp, pp=pp, args=(_argv(cache, tmp_path / "a", *layout),))[0]
     first = run_parallel(_train, tp=tp, pp=pp, args=(_argv(cache, tmp_path / "b", "--exit-interval", "2", *layout),))[0]
     assert first["iteration"] == 2 and checkpointing.latest_iteration(str(tmp_path / "b")) == 2
