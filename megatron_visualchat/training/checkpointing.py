@@ -162,6 +162,16 @@ def check_compatible(meta: dict, config_record: dict, root: str) -> None:
                              f"{key}={config_record.get(key)!r}; only the data-parallel size may change on resume")
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer.load_state_dict (torch AdamW fallback, no Apex/TE) gives every
+    parameter the *same* ``step`` tensor; AdamW then increments it once per parameter per step and the bias
+    correction drifts. Give each parameter its own copy."""
+    for part in _parts(optimizer):
+        for st in part.optimizer.state.values():
+            if "step" in st:
+                st["step"] = st["step"].clone()
+
+
 def _load_dp_zero_state(part, param_state) -> None:
     """megatron-core 0.16.1 with torch's AdamW (no Apex/TE) keeps a per-parameter ``step`` the DP-zero state does
     not carry (``step`` comes back through ``load_state_dict``): set it aside while the shards are copied in.
@@ -207,5 +217,6 @@ def _load_optimizer(optimizer, opt: dict, distributed_optimizer: bool) -> None:
     optimizer.reload_model_params()
     optimizer.load_state_dict(opt["common"])
     if distributed_optimizer:
+        _unshare_adam_steps(optimizer)
         for part, param_state in zip(_parts(optimizer), opt["param_state"]):
             _load_dp_zero_state(part, param_state if ps.get_data_parallel_rank() == 0 else None)
