@@ -43,13 +43,24 @@ def build_model_chunks(cfg: VisualChatConfig, args) -> list:
             config.recompute_method = args.recompute_method
             config.recompute_num_layers = args.recompute_num_layers
         if args.llm_load:
-            from megatron_visualchat.checkpoint.legacy_format import load_megatron_checkpoint
-
-            load_megatron_checkpoint(model.language_model, args.llm_load)
+            _load_base_llm(model, args.llm_load)
             copy_text_weights_to_image(model)
         apply_trainable_policy(model, cfg.trainable, new_token_rows=args.new_token_rows)
         chunks.append(model)
     return chunks
+
+
+def _load_base_llm(model, load_dir: str) -> None:
+    """The converted LLaMA checkpoint fills the language model; only the image-side split projections (copied
+    from the text weights next) may be absent from it."""
+    from megatron_visualchat.checkpoint.hf_llama import CheckpointError
+    from megatron_visualchat.checkpoint.legacy_format import load_megatron_checkpoint
+
+    missing, unexpected = load_megatron_checkpoint(model.language_model, load_dir, strict=False)
+    wrong = [k for k in missing if not k.endswith("image_weight") and not k.endswith("_extra_state")]
+    if wrong or unexpected:
+        raise CheckpointError(f"{load_dir} does not fit the language model: missing {wrong[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
 
 
 def _configure_schedule_hooks(chunks: list, optimizer, fp16: bool) -> None:
