@@ -21,8 +21,9 @@ from megatron_visualchat.model.token_codes import unpack_token_codes
 
 class VisualChatModel(MegatronModule):
     def __init__(self, cfg: VisualChatConfig, *, params_dtype: torch.dtype = torch.float32,
-                 vp_stage: Optional[int] = None):
-        config = to_transformer_config(cfg, params_dtype)
+                 vp_stage: Optional[int] = None, transformer_overrides: Optional[dict] = None):
+        """``transformer_overrides``: extra megatron ``TransformerConfig`` fields (e.g. recompute settings)."""
+        config = to_transformer_config(cfg, params_dtype, **(transformer_overrides or {}))
         super().__init__(config=config)
         from megatron.core.transformer.enums import ModelType
 

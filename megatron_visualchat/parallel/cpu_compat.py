@@ -3,8 +3,8 @@
 megatron-core 0.16.1 assumes CUDA in a handful of places (``device="cuda"`` literals in the schedules, clip-grad
 and optimizer, ``torch.cuda.current_device()`` for p2p/DDP buffers and RoPE, ``torch.cuda.synchronize()`` in p2p
 and checkpoint saving, a CUDA RNG tracker, ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks in the
-optimizers). This module maps exactly those to CPU so that TP/PP/DDP/distributed-optimizer code paths are
-exercised unchanged on laptops and CI. The facts behind each item are in ``shared/reference/megatron_cpu_gloo.md``.
+optimizers, the CUDA generator state saved around activation recompute). This module maps exactly those to CPU
+so that TP/PP/DDP/distributed-optimizer/recompute code paths are exercised unchanged on laptops and CI. The facts behind each item are in ``shared/reference/megatron_cpu_gloo.md``.
 
 It is installed only when no GPU is present (``install()`` refuses otherwise) and is idempotent.
 """
@@ -111,6 +111,9 @@ def install() -> None:
     torch.cuda.current_stream = lambda *a, **k: _NoOpStream()
     mcore_random, tracker = _cpu_rng_tracker_class()
     mcore_random.CudaRNGStatesTracker = tracker
+    # Activation recompute saves/restores "the CUDA generator" around the recomputed forward: the CPU one here.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mcore_random.initialize_rng_tracker(force_reset=True)
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _INSTALLED = True

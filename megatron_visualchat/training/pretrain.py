@@ -33,15 +33,16 @@ def build_model_chunks(cfg: VisualChatConfig, args) -> list:
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
+    recompute = {}
+    if args.recompute_granularity:
+        recompute = dict(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                         recompute_num_layers=args.recompute_num_layers)
     chunks = []
     for vp_stage in stages:
-        model = VisualChatModel(cfg, params_dtype=torch.float32, vp_stage=vp_stage)
-        config = model.config
-        config.params_dtype = dtype
-        if args.recompute_granularity:
-            config.recompute_granularity = args.recompute_granularity
-            config.recompute_method = args.recompute_method
-            config.recompute_num_layers = args.recompute_num_layers
+        # Built in fp32; Float16Module (wrap_model) casts to bf16/fp16 and the optimizer keeps fp32 main params.
+        model = VisualChatModel(cfg, params_dtype=torch.float32, vp_stage=vp_stage, transformer_overrides=recompute)
+        model.config.params_dtype = model.config.pipeline_dtype = dtype
+        model.config.bf16, model.config.fp16 = args.bf16, args.fp16
         if args.llm_load:
             _load_base_llm(model, args.llm_load)
             copy_text_weights_to_image(model)
