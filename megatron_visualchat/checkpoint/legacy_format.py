@@ -28,7 +28,12 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from megatron_visualchat.checkpoint.hf_llama import CheckpointError
-from megatron_visualchat.checkpoint.sharding import merge_state_dicts, pad_vocab_rows, shard_state_dict, stage_layer_range
+from megatron_visualchat.checkpoint.sharding import (
+    merge_state_dicts,
+    pad_vocab_rows,
+    shard_state_dict,
+    stage_layer_range,
+)
 from megatron_visualchat.config import LLMConfig, ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -345,10 +350,9 @@ def load_megatron_checkpoint(model, load_dir: Union[str, Path], *, strict: bool 
                            mmap=True)["model"]
     else:
         if tp_rank == 0:
-            logger.warning("%s was saved at TP=%d, PP=%d (layers %s); resharding on load for TP=%d, PP=%d "
-                           "(layers %s). Reconvert with --tp %d --pp %d to load directly.", load_dir, saved.tp,
-                           saved.pp, list(saved.pp_layers or ()), tp, pp, f"{layers.start}-{layers.stop - 1}",
-                           tp, pp)
+            logger.warning("%s was saved at TP=%d, PP=%d; the model is TP=%d, PP=%d (this stage: layers %d-%d): "
+                           "resharding on load. Reconvert with --tp %d --pp %d to load directly.", load_dir,
+                           saved.tp, saved.pp, tp, pp, layers.start, layers.stop - 1, tp, pp)
         state = _reshard(load_dir, record, iteration, model_state, tp=tp, tp_rank=tp_rank, layers=layers,
                          pre=pre, post=post, vocab_rows=model.vocab_size)
     return model.load_state_dict(adapt_keys(state, model_state), strict=strict)

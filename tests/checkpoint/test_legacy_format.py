@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from megatron_visualchat.checkpoint.convert import hf_to_megatron
+from megatron_visualchat.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_visualchat.checkpoint.hf_llama import CheckpointError, llm_config_from_hf
 from megatron_visualchat.checkpoint.legacy_format import (
     RECORD_FILE,
@@ -185,6 +186,11 @@ def test_tied_embeddings_load_at_pp2(tmp_path):
     logits = _gathered_logits(results, llm.vocab_size)
     expected = hf_logits(hf_dir, tokens)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    back = megatron_to_hf(load_dir, tmp_path / "back")  # the last stage's copy is not exported as lm_head
+    original = {k: v for f in hf_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    returned = {k: v for f in back.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert "lm_head.weight" not in returned and sorted(returned) == sorted(original)
+    assert all(torch.equal(returned[k], v) for k, v in original.items())
 
 
 def _load_mismatched(load_dir, llm):
