@@ -15,6 +15,7 @@ Block masks are rebuilt on every call (two per MMCA call).
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from dataclasses import dataclass
@@ -133,12 +134,46 @@ def _flex_op_eager(q, k, v, block_mask: BlockMask, scale: float):
     return out, lse
 
 
+class _PerCodesCache:
+    """Results that depend only on the token codes (block masks, the validation of the codes), shared by every
+    layer of a forward pass: megatron-core hands all layers the same codes tensor, so one build serves 32-80
+    layers instead of one per layer. Entries hold references to the code tensors they were built from, so their
+    memory cannot be reused while the entry lives; the key includes the tensors' version counters, so in-place
+    edits miss."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.entries = size, collections.OrderedDict()
+
+    @staticmethod
+    def codes_key(*tensors: torch.Tensor) -> tuple:
+        return tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version, t.device) for t in tensors)
+
+    def get(self, key: tuple, build: Callable[[], object], pins: tuple):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key][0]
+        value = build()
+        self.entries[key] = (value, pins)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+
+_CACHE = _PerCodesCache()
+
+
 def _flex(q, k, v, c: _Codes, rules: _Rules, scale: float, compile: bool):
     """One flex_attention call (GQA-aware) over one branch -> (out [B,Hq,Lq,D], row_has_keys [B,Hq,Lq] bool)."""
     batch, _, len_q, _ = q.shape
     make_block_mask = _compiled_create_block_mask() if compile else create_block_mask
-    mask_mod = _mask_mod(c, _rule_table(rules, q.device))
-    block_mask = make_block_mask(mask_mod, batch, None, len_q, k.shape[2], device=q.device)
+
+    def build():
+        mask_mod = _mask_mod(c, _rule_table(rules, q.device))
+        return make_block_mask(mask_mod, batch, None, len_q, k.shape[2], device=q.device)
+
+    pins = (c.modality, c.image_id, c.sample_id)
+    key = ("mask", _PerCodesCache.codes_key(*pins), tuple(sorted(rules.items())), len_q, k.shape[2], compile)
+    block_mask = _CACHE.get(key, build, pins)
     if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _flex_op_eager(q, k, v, block_mask, scale)
     else:
@@ -192,7 +227,8 @@ def _mmca_attention_fast(
     check_attention_inputs(
         q, k, v, modality, image_id, sample_id, image_rows=image_rows, combine=combine, mode=mode
     )
-    check_code_values(modality, image_id)
+    _CACHE.get(("checked", _PerCodesCache.codes_key(modality, image_id)),
+               lambda: check_code_values(modality, image_id), (modality, image_id))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     codes = _Codes.build(modality, image_id, sample_id, q.shape[2])
     return _FAST_MODES[mode](q, k, v, codes, image_rows, combine, scale, compile)

@@ -130,6 +130,7 @@ def test_a_leaking_image_mask_is_caught(monkeypatch):
         return mask_mod
 
     monkeypatch.setattr(fast, "_mask_mod", leaking_mask_mod)
+    monkeypatch.setattr(fast, "_CACHE", fast._PerCodesCache())  # the correct masks are cached for these codes
     assert not torch.allclose(flex_eager(*inputs, sample_id=sample_id), expected, atol=1e-3)
 
 
@@ -170,3 +171,22 @@ def test_compiled_cuda_does_not_materialise_scores():
     forward_backward(mmca_attention, inputs, grad_out, sample_id=sample_id.cuda())
     one_score_map = 2 * heads * length * length * 2  # [B, H, L, L] in bf16
     assert torch.cuda.max_memory_allocated() - before < one_score_map / 4
+
+
+def test_block_masks_are_built_once_per_codes_tensor(monkeypatch):
+    """All layers of a forward share the codes tensor: the masks are built for the first and reused."""
+    from megatron_visualchat.model.mmca import fast
+
+    builds = []
+    real = fast.create_block_mask
+    monkeypatch.setattr(fast, "create_block_mask", lambda *a, **k: builds.append(1) or real(*a, **k))
+    monkeypatch.setattr(fast, "_CACHE", fast._PerCodesCache())
+    modality, image_id, sample_id = (t.unsqueeze(0) for t in codes_from_layout("tt000tt11t"))
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    outs = [fast._mmca_attention_fast(q, k, v, modality, image_id, sample_id=sample_id, compile=False)
+            for _layer in range(3)]
+    assert len(builds) == 2  # text branch + image branch, once
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    modality[0, 0] = 1  # an in-place edit (version bump) is a new layout
+    fast._mmca_attention_fast(q, k, v, modality, image_id, sample_id=sample_id, compile=False)
+    assert len(builds) == 4
