@@ -1,0 +1,28 @@
+"""What a run leaves on disk: pruned checkpoints (keep-last-k), TensorBoard events, the tokenizer beside them."""
+
+import os
+
+from megatron_visualchat.testing.distributed import run_parallel
+from megatron_visualchat.training import checkpointing
+
+
+def _train(argv):
+    from megatron_visualchat.training.arguments import parse_args
+    from megatron_visualchat.training.pretrain import train
+
+    return train(parse_args(argv))
+
+
+def test_keep_last_tensorboard_and_tokenizer(tmp_path):
+    save, tb = tmp_path / "ckpt", tmp_path / "tb"
+    argv = ["--synthetic", "32", "--data-cache-dir", str(tmp_path / "data"), "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--seq-length", "160", "--train-iters", "3", "--no-progress-bar",
+            "--save", str(save), "--save-interval", "1", "--keep-last", "2", "--tensorboard-dir", str(tb),
+            "--eval-interval", "3", "--eval-iters", "1"]
+    result = run_parallel(_train, args=(argv,))[0]
+    assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000002", "iter_0000003"]
+    assert checkpointing.latest_iteration(str(save)) == 3
+    assert not [d for d in os.listdir(save) if d.startswith(".tmp")]
+    assert os.path.isfile(save / "tokenizer" / "tokenizer.model")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
+    assert len(result["eval_losses"]) == 1 and 0.0 <= result["eval_accuracy"][0] <= 1.0
