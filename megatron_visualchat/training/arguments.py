@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save (when --save is set) and stop when the iteration is a multiple of this")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept in --save (0: keep all)")
     g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--eval-iters", type=int, default=4, help="global batches for the eval loss")
+    g.add_argument("--eval-accuracy-iters", type=int, default=None,
+                   help="global batches for the held-out answer accuracy (default: the whole eval set)")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--export-dir", default=None, help="after training, write a chat checkpoint (full weights merged over TP/PP, config, "

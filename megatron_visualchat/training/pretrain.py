@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 from collections import Counter
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -75,11 +75,6 @@ def _configure_schedule_hooks(chunks: list, optimizer, fp16: bool) -> None:
         config.grad_scale_func = optimizer.scale_loss if fp16 else None
 
 
-def _batches(loader) -> Iterator[dict]:
-    while True:
-        yield from loader
-
-
 def _reduce_loss(loss_dicts: list[dict]) -> float:
     """Mean loss over microbatches and data-parallel ranks, available on every rank (only last-stage TP rank 0
     ranks contribute)."""
@@ -106,7 +101,7 @@ def evaluate(chunks: list, loader, args, num_microbatches: int, seq_length: int)
         c.eval()
     losses = []
     with torch.no_grad():
-        batches = _batches(loader)
+        batches = loader.forever()
         for _ in range(args.eval_iters):
             mbs = [next(batches) for _ in range(num_microbatches)]
             out = run_schedule(chunks, mbs, num_microbatches=num_microbatches, seq_length=seq_length,
@@ -165,7 +160,7 @@ def train(args) -> dict:
     logger = MetricsLogger(enabled=dist.get_rank() == 0, total_iters=train_iters,
                            tensorboard_dir=args.tensorboard_dir, progress_bar=not args.no_progress_bar,
                            start_iter=start["iteration"])
-    batches = _batches(train_loader)
+    batches = train_loader.forever()
     losses, eval_losses, eval_accuracy = [], [], []
     iteration = start["iteration"]
     while iteration < train_iters:
@@ -188,7 +183,8 @@ def train(args) -> dict:
         if eval_loader is not None and (iteration % args.eval_interval == 0 or iteration == train_iters):
             eval_losses.append(evaluate(chunks, eval_loader, args, num_microbatches, seq_length))
             eval_accuracy.append(answer_accuracy(chunks, eval_loader, num_microbatches=num_microbatches,
-                                                 seq_length=seq_length, micro_batch_size=args.micro_batch_size))
+                                                 seq_length=seq_length, micro_batch_size=args.micro_batch_size,
+                                                 max_batches=args.eval_accuracy_iters))
             logger.eval(iteration, eval_losses[-1], eval_accuracy[-1])
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
         if args.save and (exiting or iteration == train_iters or
