@@ -212,9 +212,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    from megatron_visualchat.config import ParallelConfig
+    from megatron_visualchat.config import ConfigError, ParallelConfig
 
-    initialize_parallel(ParallelConfig(tp=tp, pp=pp, dp=max(world // (tp * pp), 1),
+    if world % (tp * pp):
+        raise ConfigError(f"{world} processes cannot be split into tensor-parallel {tp} x pipeline-parallel {pp} "
+                          "groups: launch a multiple of tp x pp processes")
+    initialize_parallel(ParallelConfig(tp=tp, pp=pp, dp=world // (tp * pp),
                                        vpp=args.virtual_pipeline_model_parallel_size,
                                        pp_layers=args.pipeline_layers), args.seed)
     try:
