@@ -147,6 +147,9 @@ def model_config(args: argparse.Namespace, world_size: int, vocab_size: int | No
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch-size "
                           f"({args.micro_batch_size}) x data-parallel size ({dp})")
+    if args.trainable.new_token_rows_only and not args.trainable.llm and args.weight_decay:
+        raise ConfigError(f"--trainable new_token_rows_only masks the gradients of the other embedding rows, but "
+                          f"--weight-decay {args.weight_decay} would still shrink them: use --weight-decay 0")
     if args.seq_length > llm.max_position_embeddings:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
                           f"{llm.max_position_embeddings}")

@@ -25,9 +25,10 @@ from megatron_visualchat.training.optimizer import build_optimizer, build_schedu
 from megatron_visualchat.training.step import run_schedule, visualchat_forward_step
 
 
-def build_model_chunks(cfg: VisualChatConfig, args) -> list:
+def build_model_chunks(cfg: VisualChatConfig, args, new_token_rows: tuple[int, ...] = ()) -> list:
     """This rank's VisualChatModel chunk(s) (several with virtual pipeline stages), trainable policy applied,
-    base LLM weights loaded and image-side projections initialised from them."""
+    base LLM weights loaded and image-side projections initialised from them. ``new_token_rows``: vocabulary
+    rows of the tokenizer's added tokens (for ``trainable.new_token_rows_only``)."""
     from megatron_visualchat.model.mmca.split_linear import copy_text_weights_to_image
     from megatron_visualchat.model.visualchat import VisualChatModel, apply_trainable_policy
 
@@ -46,7 +47,7 @@ def build_model_chunks(cfg: VisualChatConfig, args) -> list:
         if args.llm_load:
             _load_base_llm(model, args.llm_load)
             copy_text_weights_to_image(model)
-        apply_trainable_policy(model, cfg.trainable, new_token_rows=args.new_token_rows)
+        apply_trainable_policy(model, cfg.trainable, new_token_rows=new_token_rows)
         chunks.append(model)
     return chunks
 
@@ -129,12 +130,12 @@ def train(args) -> dict:
     # 1. tokenizer and config (the tokenizer's added tokens may enlarge the vocabulary)
     tokenizer = load_tokenizer(args)
     cfg = model_config(args, dist.get_world_size(), vocab_size=tokenizer.vocab_size)
-    args.new_token_rows = tuple(tokenizer.added_tokens.values())
     dp = cfg.parallel.dp
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
 
     # 2. model, DDP, optimizer, schedule
-    chunks = wrap_model(build_model_chunks(cfg, args), use_distributed_optimizer=args.use_distributed_optimizer,
+    chunks = wrap_model(build_model_chunks(cfg, args, tuple(tokenizer.added_tokens.values())),
+                        use_distributed_optimizer=args.use_distributed_optimizer,
                         fp16=args.fp16, bf16=args.bf16)
     optimizer = build_optimizer(chunks, args)
     _configure_schedule_hooks(chunks, optimizer, args.fp16)
