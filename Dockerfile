@@ -3,7 +3,7 @@
 FROM nvcr.io/nvidia/pytorch:25.01-py3
 
 WORKDIR /workspace/megatron_visualchat
-COPY setup.py README.md LICENSE ./
+COPY setup.py README.md LICENSE pretrain_vchat.py ./
 COPY megatron_visualchat ./megatron_visualchat
 COPY tools ./tools
 COPY examples ./examples
