@@ -103,11 +103,16 @@ def test_bin_checkpoints_convert_like_safetensors(tiny_hf, tmp_path):
                        for k, v in state.items())
 
 
+class NotAWeight:
+    """Stands for arbitrary pickled code in a .bin."""
+
+
 def test_unsafe_bin_is_refused(tmp_path):
     hf_dir = tmp_path / "evil"
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text("{}")
-    torch.save({"w": torch.ones(1), "obj": Path("x")}, hf_dir / "pytorch_model.bin")  # needs a non-weight global
+    # A global no allowlist knows (megatron-core itself allowlists pathlib.PosixPath, Namespace, ... on import).
+    torch.save({"w": torch.ones(1), "obj": NotAWeight()}, hf_dir / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="weights_only=True"):
         hf_to_megatron(hf_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
