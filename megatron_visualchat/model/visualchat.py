@@ -41,11 +41,15 @@ class VisualChatModel(MegatronModule):
             from megatron_visualchat.model.vision import build_vision_tower
 
             v = cfg.vision
-            self.vision = build_vision_tower(
-                v.encoder, v.projector, cfg.llm.hidden_size,
-                freeze_encoder=v.freeze_encoder and not cfg.trainable.vision_encoder,
-                projector_options=v.projector_options, encoder_weights=v.encoder_weights,
-            ).to(params_dtype)
+            # Seeded from the run's seed, not from wherever the generator stands after this stage's decoder
+            # layers: the same projector initialisation at every pipeline layout.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed())
+                self.vision = build_vision_tower(
+                    v.encoder, v.projector, cfg.llm.hidden_size,
+                    freeze_encoder=v.freeze_encoder and not cfg.trainable.vision_encoder,
+                    projector_options=v.projector_options, encoder_weights=v.encoder_weights,
+                ).to(params_dtype)
 
     @property
     def share_embeddings_and_output_weights(self) -> bool:  # read by megatron-core's finalize_model_grads

@@ -1,6 +1,7 @@
 """End to end from a HF LLaMA: convert at TP=2, train VisualChat on top with the LLM frozen and K/V split for
 images, export. The frozen text weights come out exactly as HF wrote them; the image side starts as their copy."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,3 +50,20 @@ def test_train_on_a_converted_frozen_llama(tmp_path):
     image_kv = exported["language_model.decoder.layers.0.self_attention.linear_qkv.image_weight"].view(2, 2, 16, 64)
     delta = (image_kv - qkv[:, 2:]).abs().max()
     assert 0 < delta < 0.05
+
+
+def test_frozen_llm_run_is_the_same_at_an_uneven_pipeline_split(tmp_path):
+    """Converted once at TP=1, loaded at PP=1 and at PP=2 with layers split 1+3 (a lighter first stage, as for
+    the vision encoder): the same weights and data give the same losses."""
+    from megatron_visualchat.cli import main as cli
+
+    _save_tiny_llama(tmp_path / "hf")
+    assert cli(["hf-to-megatron", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mg"),
+                "--dtype", "fp32"]) == 0
+    argv = ["--synthetic", "32", "--data-cache-dir", str(tmp_path / "data"), "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--seq-length", "160", "--train-iters", "2", "--no-progress-bar",
+            "--llm-load", str(tmp_path / "mg"), "--trainable", "projector"]
+    single = run_parallel(_train, args=(argv,))[0]["losses"]
+    split = run_parallel(_train, pp=2, pp_layers=(1, 3),
+                         args=(argv + ["--pipeline-model-parallel-size", "2", "--pipeline-layers", "1,3"],))[0]
+    assert split["losses"] == pytest.approx(single, rel=1e-5)
