@@ -148,8 +148,7 @@ def build_chat_model(load_dir: Union[str, Path], *, dtype: torch.dtype = torch.f
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, encoder_weights=None),
                       parallel=ParallelConfig(tp=tp)).validate()
     model = VisualChatModel(cfg, params_dtype=dtype)
-    # ---- weights enter here. When training/ provides load_for_inference(model, load_dir) for its own
-    # checkpoints (frozen base + trained deltas), dispatch on the directory's contents at this point. ----
+    # Training writes this format with --export-dir (training/export.py).
     load_chat_checkpoint(model, load_dir)
     if device is not None:
         model = model.to(device)
