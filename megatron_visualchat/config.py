@@ -95,6 +95,7 @@ class AttentionConfig:
     image_rows: str = "self"
     combine: str = "sum"
     backend: str = "local"
+    modality_norms: bool = False  # mPLUG-Owl2: per-modality input / pre-MLP norms
 
     def validate(self) -> None:
         _choice("attention.mode", self.mode, ATTENTION_MODES)
@@ -119,7 +120,7 @@ class TrainableConfig:
     the input embeddings; the LLM's text weights and the vision encoder stay frozen."""
 
     projector: bool = True
-    image_projections: bool = True  # the modality-split image-side linears
+    image_projections: bool = True  # image-side weights: modality-split linears, modality norms (Owl2)
     embeddings: bool = False  # a trainable copy of the input embeddings (DS-VisualChat fidelity: True)
     new_token_rows_only: bool = False  # train only the rows of added special tokens (e.g. <image>, pad)
     llm: bool = False

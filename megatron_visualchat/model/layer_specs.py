@@ -5,8 +5,8 @@ its ``core_attention`` (MMCA or causal over token codes), per ``modality_split``
 and for the local backend the norms (``model/norms.py``: weights and outputs in the activation dtype). The MLP is
 the stock module; state-dict keys stay those of megatron-core's GPT spec, so converted LLaMA checkpoints load
 unchanged.
-Room for later options: the ``cross`` mode adds cross-attention slots; mPLUG-Owl2's modality norms replace
-``input_layernorm`` / ``pre_mlp_layernorm``; both register here.
+``modality_norms`` (mPLUG-Owl2) swaps in per-modality norms and a layer that tells them which tokens are images.
+Room for a later ``cross`` mode (CrA / JAM-Cross): it adds the layer's cross-attention slots here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from megatron_visualchat.model.mmca.split_linear import (
     ModalitySplitColumnParallelLinear,
     ModalitySplitRowParallelLinear,
 )
-from megatron_visualchat.model.norms import RMSNorm
+from megatron_visualchat.model.modality_layer import ModalityAwareTransformerLayer
+from megatron_visualchat.model.norms import ModalityRMSNorm, RMSNorm
 
 
 def _base_spec(backend: str) -> ModuleSpec:
@@ -42,9 +43,10 @@ def _base_spec(backend: str) -> ModuleSpec:
 
 
 def get_mmca_layer_spec(attention_mode: str = "mmca", modality_split: str = "none", backend: str = "local", *,
-                        image_rows: str = "self", combine: str = "sum") -> ModuleSpec:
+                        image_rows: str = "self", combine: str = "sum", modality_norms: bool = False) -> ModuleSpec:
     """A TransformerLayer spec for GPTModel. ``attention_mode``: mmca | causal; ``modality_split``: none | kv |
-    qkv | qkvo (image-side projections); ``backend``: local | te."""
+    qkv | qkvo (image-side projections); ``backend``: local | te; ``modality_norms``: per-modality input and
+    pre-MLP norms (mPLUG-Owl2; with ``causal`` + ``kv`` this is Owl2's modality-adaptive module)."""
     for name, value, allowed in (("attention_mode", attention_mode, ATTENTION_MODES),
                                  ("modality_split", modality_split, MODALITY_SPLITS),
                                  ("backend", backend, BACKENDS), ("image_rows", image_rows, IMAGE_ROWS),
@@ -54,6 +56,8 @@ def get_mmca_layer_spec(attention_mode: str = "mmca", modality_split: str = "non
     if backend == "te" and modality_split != "none":
         raise ConfigError(f"modality_split={modality_split!r} needs backend='local': Transformer-Engine fuses the "
                           "input norm into linear_qkv, which the split projection replaces")
+    if backend == "te" and modality_norms:
+        raise ConfigError("modality_norms needs backend='local': Transformer-Engine fuses the norms into the linears")
     spec = copy.deepcopy(_base_spec(backend))
     attn = spec.submodules.self_attention
     attn.module = ModalitySplitSelfAttention
@@ -67,8 +71,11 @@ def get_mmca_layer_spec(attention_mode: str = "mmca", modality_split: str = "non
     if modality_split == "qkvo":
         subs.linear_proj = ModalitySplitRowParallelLinear
     if backend == "local":
-        spec.submodules.input_layernorm = RMSNorm
-        spec.submodules.pre_mlp_layernorm = RMSNorm
+        norm = ModalityRMSNorm if modality_norms else RMSNorm
+        spec.submodules.input_layernorm = norm
+        spec.submodules.pre_mlp_layernorm = norm
+    if modality_norms:
+        spec.module = ModalityAwareTransformerLayer
     return spec
 
 
@@ -78,7 +85,7 @@ def get_mmca_block_spec(config, layer_spec: ModuleSpec, vp_stage=None):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    final_norm = RMSNorm if layer_spec.submodules.input_layernorm is RMSNorm else None
+    final_norm = RMSNorm if layer_spec.submodules.input_layernorm in (RMSNorm, ModalityRMSNorm) else None
     if final_norm is None:
         return layer_spec
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)

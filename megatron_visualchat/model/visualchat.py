@@ -32,7 +32,8 @@ class VisualChatModel(MegatronModule):
         self.pre_process, self.post_process = stage_flags(vp_stage)
         att = cfg.attention
         spec = get_mmca_block_spec(config, get_mmca_layer_spec(att.mode, att.modality_split, att.backend,
-                                                               image_rows=att.image_rows, combine=att.combine),
+                                                               image_rows=att.image_rows, combine=att.combine,
+                                                               modality_norms=att.modality_norms),
                                    vp_stage)
         self.language_model = build_gpt_model(cfg, spec, params_dtype=params_dtype, vp_stage=vp_stage,
                                               transformer_config=config)

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-rows", choices=IMAGE_ROWS, default="self")
     g.add_argument("--combine", choices=COMBINES, default="sum")
     g.add_argument("--attention-backend", choices=BACKENDS, default="local")
+    g.add_argument("--modality-norms", action="store_true",
+                   help="per-modality input/pre-MLP norms (mPLUG-Owl2; with --attention-mode causal --modality-split "
+                        "kv this is its modality-adaptive module)")
     g.add_argument("--trainable", type=_trainable, default=TrainableConfig(),
                    help="comma list of " + ",".join(sorted(TRAINABLE_PARTS)) + " or 'all' (default: projector, "
                         "image_projections)")
@@ -135,7 +138,8 @@ def model_config(args: argparse.Namespace, world_size: int, vocab_size: int | No
     cfg = VisualChatConfig(
         llm=llm,
         attention=AttentionConfig(mode=args.attention_mode, modality_split=args.modality_split,
-                                  image_rows=args.image_rows, combine=args.combine, backend=args.attention_backend),
+                                  image_rows=args.image_rows, combine=args.combine, backend=args.attention_backend,
+                                  modality_norms=args.modality_norms),
         vision=VisionConfig(encoder=args.vision_encoder, projector=args.projector,
                             projector_options=args.projector_options, encoder_weights=args.vision_weights),
         trainable=args.trainable,

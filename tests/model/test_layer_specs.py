@@ -115,3 +115,36 @@ def test_invalid_options_are_refused():
         get_mmca_layer_spec("mmca", "none", "te")
     with pytest.raises(ConfigError, match="needs backend='local'"):
         get_mmca_layer_spec("mmca", "kv", "te")
+    with pytest.raises(ConfigError, match="modality_norms needs backend='local'"):
+        get_mmca_layer_spec("causal", "none", "te", modality_norms=True)
+
+
+def _modality_norm_facts():
+    from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+
+    model = _model(get_mmca_layer_spec("causal", "kv", modality_norms=True))
+    sd = model.state_dict()
+    norm = "decoder.layers.0.input_layernorm."
+    starts_as_copy = torch.equal(sd[norm + "image_weight"], sd[norm + "weight"])
+    _, grads = _loss_and_grads(model, batch_from_layouts(["tttttttt"], LLM.vocab_size))
+    zero_without_images = not grads[norm + "image_weight"].any()
+    model.zero_grad()
+    with torch.no_grad():  # make the image scale differ, then only image tokens may change
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.image_weight"):
+                p.mul_(3.0)
+    batch = batch_from_layouts(["ttt00ttt"], LLM.vocab_size)
+    out_images = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.image_weight"):
+            p.data.div_(3.0)
+    out_base = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    changed = (out_images - out_base).abs().amax(dim=-1)[0] > 1e-6
+    return starts_as_copy, zero_without_images, changed.tolist()
+
+
+def test_modality_norms_scale_image_tokens_only():
+    starts_as_copy, zero_without_images, changed = run_parallel(_modality_norm_facts)[0]
+    assert starts_as_copy and zero_without_images
+    assert changed[:3] == [False, False, False]  # text before the image does not see it
+    assert all(changed[3:])  # the image tokens and the text after them do

@@ -21,18 +21,18 @@ def _batches():
     return [batch_from_layouts(lay, LLM.vocab_size, seed=i) for i, lay in enumerate(LAYOUTS)]
 
 
-def _build(mode, split):
+def _build(mode, split, norms=False):
     from megatron_visualchat.model.gpt import build_gpt_model
     from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
 
     def build():
         return build_gpt_model(VisualChatConfig(llm=LLM, parallel=current_parallel()),
-                               get_mmca_layer_spec(mode, split))
+                               get_mmca_layer_spec(mode, split, modality_norms=norms))
     return build
 
 
-def _full(mode, split):
-    model = _build(mode, split)()
+def _full(mode, split, norms=False):
+    model = _build(mode, split, norms)()
     torch.manual_seed(7)
     with torch.no_grad():  # image-side weights differ from the text ones, as after training
         for name, p in model.named_parameters():
@@ -41,21 +41,25 @@ def _full(mode, split):
     return {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
 
 
-def _step(full, mode, split):
-    return run_step_on_shard(_build(mode, split), full, LLM, _batches(), seq_length=SEQ, micro_batch_size=MBS)
+def _step(full, mode, split, norms=False):
+    return run_step_on_shard(_build(mode, split, norms), full, LLM, _batches(), seq_length=SEQ,
+                             micro_batch_size=MBS)
 
 
-@pytest.mark.parametrize("mode,split,layouts", [
-    ("mmca", "qkvo", [(2, 1), (1, 2), (2, 2)]),
-    ("mmca", "kv", [(2, 2)]),
-    ("causal", "qkv", [(2, 2)]),
+@pytest.mark.parametrize("mode,split,norms,layouts", [
+    ("mmca", "qkvo", False, [(2, 1), (1, 2), (2, 2)]),
+    ("mmca", "kv", False, [(2, 2)]),
+    ("causal", "qkv", False, [(2, 2)]),
+    ("causal", "kv", True, [(2, 2)]),  # mPLUG-Owl2's modality-adaptive module
 ])
-def test_mmca_layouts_match_single_process(mode, split, layouts):
-    full = run_parallel(_full, args=(mode, split))[0]
-    ref_loss, ref_grads = merge_rank_results(run_parallel(_step, args=(full, mode, split)), 1)
+def test_mmca_layouts_match_single_process(mode, split, norms, layouts):
+    full = run_parallel(_full, args=(mode, split, norms))[0]
+    ref_loss, ref_grads = merge_rank_results(run_parallel(_step, args=(full, mode, split, norms)), 1)
     assert any("image_weight" in k for k in ref_grads)
+    if norms:
+        assert any("layernorm.image_weight" in k for k in ref_grads)
     for tp, pp in layouts:
-        loss, grads = merge_rank_results(run_parallel(_step, tp=tp, pp=pp, args=(full, mode, split)), tp)
+        loss, grads = merge_rank_results(run_parallel(_step, tp=tp, pp=pp, args=(full, mode, split, norms)), tp)
         assert abs(loss - ref_loss) < 1e-5 * max(1.0, abs(ref_loss)), (tp, pp, loss, ref_loss)
         assert grads.keys() == ref_grads.keys()
         for name, g in ref_grads.items():

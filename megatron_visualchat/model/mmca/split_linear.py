@@ -113,7 +113,7 @@ def copy_text_weights_to_image(model: torch.nn.Module) -> int:
     Returns how many layers were initialised."""
     n = 0
     for module in model.modules():
-        if isinstance(module, (ModalitySplitColumnParallelLinear, ModalitySplitRowParallelLinear)):
+        if hasattr(module, "copy_text_weight_to_image"):  # split projections and modality norms
             module.copy_text_weight_to_image()
             n += 1
     return n
