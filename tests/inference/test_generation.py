@@ -17,6 +17,7 @@ CONFIGS = [
     ("mmca", "qkv", "self+text", "sum"),
     ("causal", "none", "self", "sum"),
     ("causal", "qkvo", "self", "sum"),
+    ("causal", "kv", "self", "sum", "modality-norms"),  # mPLUG-Owl2
 ]
 NEW = 8
 

@@ -19,12 +19,14 @@ def train_tokenizer(out_dir: str):
 
 
 def tiny_cfg(vocab_size: int, mode: str = "mmca", split: str = "none", image_rows: str = "self",
-             combine: str = "sum") -> VisualChatConfig:
+             combine: str = "sum", *extras: str) -> VisualChatConfig:
+    """``extras``: "modality-norms" adds mPLUG-Owl2's per-modality norms."""
     from megatron_visualchat.testing.equivalence import current_parallel
 
     llm = dataclasses.replace(LLM_PRESETS["tiny"], vocab_size=vocab_size)
     return VisualChatConfig(llm=llm, attention=AttentionConfig(mode=mode, modality_split=split,
-                                                               image_rows=image_rows, combine=combine),
+                                                               image_rows=image_rows, combine=combine,
+                                                               modality_norms="modality-norms" in extras),
                             vision=VisionConfig(encoder="tiny", projector="linear"), parallel=current_parallel())
 
 
