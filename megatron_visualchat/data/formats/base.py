@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from ..conversation import Conversation, Round, check_refs
 from ..errors import SampleError
 from ..images import open_image_store
+from ..lazy import open_records
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -57,6 +58,24 @@ class ConversationSource(ABC):
         if self.max_rounds is not None:
             rounds = rounds[: self.max_rounds]
         return Conversation(tuple(rounds), where)
+
+
+class RecordsSource(ConversationSource):
+    """A source whose conversations are records of one annotation file (JSON / JSONL, read lazily), with images in
+    a directory or base64 store (``images``, default: the annotation file's directory)."""
+
+    default_image_filename = "{id}"
+
+    def __init__(self, path: str, *, images: str | None = None, image_filename: str | None = None, max_rounds=None):
+        super().__init__(path, max_rounds=max_rounds)
+        self.records = open_records(path)
+        self.store = image_store_for(path, images, image_filename or self.default_image_filename)
+
+    def __len__(self):
+        return len(self.records)
+
+    def where(self, index):
+        return self.records.where(index)
 
 
 def image_store_for(path: str, images: str | None, image_filename: str):

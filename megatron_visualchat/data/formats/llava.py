@@ -9,22 +9,11 @@ DS-VisualChat's ``llava`` loader (first round only of detail_23k / complex_reaso
 
 from __future__ import annotations
 
-from ..lazy import open_records
-from .base import ConversationSource, fail, image_store_for, make_round, remove_placeholders, turn_pairs
+from .base import RecordsSource, fail, make_round, remove_placeholders, turn_pairs
 
 
-class LlavaSource(ConversationSource):
-    def __init__(self, path: str, *, images: str | None = None, image_filename: str = "{id}", max_rounds=None):
-        """``images``: image directory / base64 store (default: the annotation file's directory)."""
-        super().__init__(path, max_rounds=max_rounds)
-        self.records = open_records(path)
-        self.store = image_store_for(path, images, image_filename)
-
-    def __len__(self):
-        return len(self.records)
-
-    def where(self, index):
-        return self.records.where(index)
+class LlavaSource(RecordsSource):
+    """``images``: image directory / base64 store (default: the annotation file's directory)."""
 
     def image_names(self, index: int) -> list[str]:
         """The record's image names as listed (for cross-dataset matching); [] if malformed."""

@@ -15,24 +15,12 @@ import re
 
 from ..conversation import image_ref
 from ..images import InlineImage
-from ..lazy import open_records
-from .base import ConversationSource, fail, image_store_for, make_round, remove_placeholders
+from .base import RecordsSource, fail, make_round, remove_placeholders
 
 _LOCAL_REF = re.compile(r"IMAGE#(\d+)")
 
 
-class RoundsJsonlSource(ConversationSource):
-    def __init__(self, path: str, *, images: str | None = None, image_filename: str = "{id}", max_rounds=None):
-        super().__init__(path, max_rounds=max_rounds)
-        self.records = open_records(path)
-        self.store = image_store_for(path, images, image_filename)
-
-    def __len__(self):
-        return len(self.records)
-
-    def where(self, index):
-        return self.records.where(index)
-
+class RoundsJsonlSource(RecordsSource):
     def _image(self, entry, label: str):
         if isinstance(entry, str) and entry:
             return self.store.ref(entry)

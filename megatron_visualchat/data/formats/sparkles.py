@@ -13,24 +13,14 @@ from __future__ import annotations
 import re
 
 from ..conversation import image_ref
-from ..lazy import open_records
-from .base import ConversationSource, fail, image_store_for, make_round, turn_pairs
+from .base import RecordsSource, fail, make_round, turn_pairs
 
 SPARKLES_IMAGE_MARKER = "<Img><ImageHere></Img>"
 _IMAGE_TAG = re.compile(r"IMAGE#(\w+)")  # \w+ is greedy, so IMAGE#1417 never matches as IMAGE#14
 
 
-class SparklesSource(ConversationSource):
-    def __init__(self, path: str, *, images: str | None = None, image_filename: str = "{id}.jpg", max_rounds=None):
-        super().__init__(path, max_rounds=max_rounds)
-        self.records = open_records(path)
-        self.store = image_store_for(path, images, image_filename)
-
-    def __len__(self):
-        return len(self.records)
-
-    def where(self, index):
-        return self.records.where(index)
+class SparklesSource(RecordsSource):
+    default_image_filename = "{id}.jpg"
 
     def _rounds(self, index, rng):
         pairs = turn_pairs(self.records.get(index).get("dialogue"), "role", "content")
