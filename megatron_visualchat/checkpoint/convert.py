@@ -46,6 +46,7 @@ from megatron_visualchat.checkpoint.legacy_format import (
     read_tracker,
     write_tracker,
 )
+from megatron_visualchat.cli import int_list
 from megatron_visualchat.config import ConfigError, LLMConfig, ParallelConfig
 
 TOKENIZER_DIR = "tokenizer"  # where hf-to-megatron keeps the HF tokenizer files, for megatron-to-hf and training
@@ -373,13 +374,6 @@ def megatron_to_hf(
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 10,30, got {text!r}") from None
-
-
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -401,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True, help="output directory (must be absent or empty, unless --force)")
     h.add_argument("--tp", type=int, default=1, help="tensor-parallel size (divides heads, query groups, ffn)")
     h.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (divides layers unless --pp-layers)")
-    h.add_argument("--pp-layers", type=_int_list, default=None, help="layers per stage, e.g. 18,22 (sum = layers)")
+    h.add_argument("--pp-layers", type=int_list, default=None, help="layers per stage, e.g. 18,22 (sum = layers)")
     h.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the written weights")
     h.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="vocab padded to a multiple of this x TP (Megatron's default 128)")

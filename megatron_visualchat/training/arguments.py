@@ -6,19 +6,13 @@ import argparse
 import dataclasses
 import json
 
+from megatron_visualchat.cli import int_list
 from megatron_visualchat.config import (
     ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_PRESETS, MODALITY_SPLITS, AttentionConfig, ConfigError,
     ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
 )
 
 TRAINABLE_PARTS = {f.name for f in dataclasses.fields(TrainableConfig)}
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _trainable(text: str) -> TrainableConfig:
@@ -39,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
-    g.add_argument("--pipeline-layers", type=_int_list, default=None,
+    g.add_argument("--pipeline-layers", type=int_list, default=None,
                    help="explicit decoder layers per pipeline stage, e.g. 18,22,20,20 (lighter first stage: it also "
                         "runs the vision encoder)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
