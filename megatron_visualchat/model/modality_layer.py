@@ -6,9 +6,7 @@ from __future__ import annotations
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_visualchat.model.norms import ModalityRMSNorm
-from megatron_visualchat.model.token_codes import unpack_token_codes
-
-IMAGE = 2
+from megatron_visualchat.model.token_codes import image_routing
 
 
 class ModalityAwareTransformerLayer(TransformerLayer):
@@ -18,11 +16,11 @@ class ModalityAwareTransformerLayer(TransformerLayer):
         norms = [m for m in (self.input_layernorm, self.pre_mlp_layernorm) if isinstance(m, ModalityRMSNorm)]
         if codes is not None:
             # Codes cover every key position; the hidden states are the last sq of them (fewer in decode).
-            modality = unpack_token_codes(codes).modality[:, -hidden_states.shape[0]:]
+            routing = image_routing(codes, hidden_states.shape[0])
             for norm in norms:
-                norm.image_mask = (modality == IMAGE).transpose(0, 1)
+                norm.routing = routing
         try:
             return super().forward(*args, **kwargs)
         finally:
             for norm in norms:
-                norm.image_mask = None
+                norm.routing = None

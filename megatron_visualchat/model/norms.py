@@ -27,22 +27,23 @@ class RMSNorm(torch.nn.Module):
 
 class ModalityRMSNorm(RMSNorm):
     """mPLUG-Owl2's modality-adaptive norm: image tokens are scaled by their own (trainable) ``image_weight``,
-    text tokens by the LLM's ``weight``. The owning layer sets ``image_mask`` ([s, b] bool) around its forward;
+    text tokens by the LLM's ``weight``. The owning layer sets ``routing`` (``token_codes.ImageRouting``) around its
+forward;
     without image tokens the image weight still gets a defined zero gradient."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__(config, hidden_size, eps)
         self.image_weight = torch.nn.Parameter(self.weight.detach().clone())
-        self.image_mask = None
+        self.routing = None
 
     def copy_text_weight_to_image(self) -> None:
         with torch.no_grad():
             self.image_weight.copy_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.image_mask
-        if mask is None or not bool(mask.any()):
+        if self.routing is None or not self.routing.any_image:
             return super().forward(x) + 0.0 * self.image_weight.sum().to(x.dtype)
         normed = F.rms_norm(x, (self.hidden_size,), None, self.eps)
-        scale = torch.where(mask[..., None], self.image_weight.to(x.dtype), self.weight.to(x.dtype))
+        mask = self.routing.mask[..., None]
+        scale = torch.where(mask, self.image_weight.to(x.dtype), self.weight.to(x.dtype))
         return normed * scale

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-IMAGE = 2
+from megatron_visualchat.model.mmca.codes import MODALITY_IMAGE
 
 
 def splice_image_embeddings(text_embeds: torch.Tensor, image_embeds: torch.Tensor, modality: torch.Tensor,
@@ -17,7 +17,7 @@ def splice_image_embeddings(text_embeds: torch.Tensor, image_embeds: torch.Tenso
     receive the N*T image vectors in order; one vectorised index_put, no per-token loop.
     ``num_images`` [b] (optional) lets a mismatch name the offending sample."""
     s, b, h = text_embeds.shape
-    image_pos = modality == IMAGE
+    image_pos = modality == MODALITY_IMAGE
     per_row = image_pos.sum(dim=1)
     n, t = image_embeds.shape[0], image_embeds.shape[1] if image_embeds.dim() == 3 else 0
     expected = num_images * t if num_images is not None else None

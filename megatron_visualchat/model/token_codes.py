@@ -11,6 +11,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from megatron_visualchat.model.mmca.codes import MODALITY_IMAGE
+from megatron_visualchat.model.per_codes_cache import PerCodesCache
+
 MODALITY, IMAGE_ID, SAMPLE_ID = 0, 1, 2
 
 
@@ -36,3 +39,29 @@ def unpack_token_codes(packed: torch.Tensor) -> TokenCodes:
         raise ValueError(f"expected packed token codes of shape [B, 3, L] (int64), got {tuple(packed.shape)} "
                          f"{packed.dtype}; build them with pack_token_codes")
     return TokenCodes(packed[:, MODALITY], packed[:, IMAGE_ID], packed[:, SAMPLE_ID])
+
+
+class ImageRouting(NamedTuple):
+    """Which of the last ``sq`` positions are image tokens, in megatron's [s, b] layout, and their flat indices
+    (row-major over [s, b]) for the modality-split projections and norms."""
+
+    mask: torch.Tensor  # [s, b] bool
+    image_idx: torch.Tensor  # flat indices of image tokens
+    text_idx: torch.Tensor  # flat indices of the other tokens
+    any_image: bool
+
+
+_ROUTING_CACHE = PerCodesCache()
+
+
+def image_routing(packed: torch.Tensor, sq: int) -> ImageRouting:
+    """The routing for hidden states that are the last ``sq`` positions of ``packed`` codes (all of them, except
+    in KV-cache decode). Computed once per codes tensor (one host sync) and shared by every layer."""
+
+    def build() -> ImageRouting:
+        mask = (unpack_token_codes(packed).modality[:, -sq:] == MODALITY_IMAGE).transpose(0, 1).contiguous()
+        flat = mask.reshape(-1)
+        image_idx, text_idx = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+        return ImageRouting(mask, image_idx, text_idx, bool(image_idx.numel()))
+
+    return _ROUTING_CACHE.get(("routing", PerCodesCache.codes_key(packed), sq), build, (packed,))

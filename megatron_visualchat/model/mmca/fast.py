@@ -15,7 +15,6 @@ Block masks are rebuilt on every call (two per MMCA call).
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from megatron_visualchat.model.mmca.codes import (
     check_code_values,
 )
 from megatron_visualchat.model.mmca.reference import mmca_attention_reference
+from megatron_visualchat.model.per_codes_cache import PerCodesCache as _PerCodesCache
 
 
 @dataclass(frozen=True)
@@ -134,32 +134,7 @@ def _flex_op_eager(q, k, v, block_mask: BlockMask, scale: float):
     return out, lse
 
 
-class _PerCodesCache:
-    """Results that depend only on the token codes (block masks, the validation of the codes), shared by every
-    layer of a forward pass: megatron-core hands all layers the same codes tensor, so one build serves 32-80
-    layers instead of one per layer. Entries hold references to the code tensors they were built from, so their
-    memory cannot be reused while the entry lives; the key includes the tensors' version counters, so in-place
-    edits miss."""
-
-    def __init__(self, size: int = 16):
-        self.size, self.entries = size, collections.OrderedDict()
-
-    @staticmethod
-    def codes_key(*tensors: torch.Tensor) -> tuple:
-        return tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version, t.device) for t in tensors)
-
-    def get(self, key: tuple, build: Callable[[], object], pins: tuple):
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key][0]
-        value = build()
-        self.entries[key] = (value, pins)
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return value
-
-
-_CACHE = _PerCodesCache()
+_CACHE = _PerCodesCache()  # block masks and code checks, shared by all layers of a forward
 
 
 def _flex(q, k, v, c: _Codes, rules: _Rules, scale: float, compile: bool):

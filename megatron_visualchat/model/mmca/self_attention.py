@@ -13,9 +13,7 @@ from megatron_visualchat.model.mmca.split_linear import (
     ModalitySplitColumnParallelLinear,
     ModalitySplitRowParallelLinear,
 )
-from megatron_visualchat.model.token_codes import unpack_token_codes
-
-IMAGE = 2
+from megatron_visualchat.model.token_codes import image_routing
 
 
 class ModalitySplitSelfAttention(SelfAttention):
@@ -27,12 +25,11 @@ class ModalitySplitSelfAttention(SelfAttention):
         split = self._split_linears()
         if attention_mask is not None and split:
             # Codes cover all key positions; the hidden states are the last sq of them (all, except in decode).
-            modality = unpack_token_codes(attention_mask).modality[:, -hidden_states.shape[0]:]
-            image_mask = (modality == IMAGE).transpose(0, 1)  # [s, b]
+            routing = image_routing(attention_mask, hidden_states.shape[0])
             for m in split:
-                m.image_mask = image_mask
+                m.routing = routing
         try:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         finally:
             for m in split:
-                m.image_mask = None
+                m.routing = None

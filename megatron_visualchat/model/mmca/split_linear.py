@@ -3,8 +3,9 @@ frozen LLM's. Each token is multiplied once, by exactly one of the two weights (
 
 The text weight stays the layer's ``weight`` so state-dict keys equal megatron-core's stock spec (a converted
 LLaMA checkpoint loads unchanged); the image side is the extra parameter ``image_weight``. The owning attention
-sets ``image_mask`` ([s, b] bool) before each forward; ``None`` or an all-False mask runs the text path and adds
-``0 * image_weight.sum()`` so the image side still gets a defined zero gradient (DDP buckets never stall).
+sets ``routing`` (``token_codes.ImageRouting``, computed once per forward) before each forward; ``None`` or no image
+token runs the text path and adds ``0 * image_weight.sum()`` so the image side still gets a defined zero gradient
+(DDP buckets never stall).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
 )
 
+from megatron_visualchat.model.token_codes import ImageRouting
+
 
 def _check_supported(layer) -> None:
     if layer.bias is not None:
@@ -28,12 +31,11 @@ def _check_supported(layer) -> None:
                          "sequence; disable sequence parallelism or use modality_split='none'")
 
 
-def _routed_matmul(x: torch.Tensor, mask: torch.Tensor, text_weight: torch.Tensor,
+def _routed_matmul(x: torch.Tensor, routing: ImageRouting, text_weight: torch.Tensor,
                    image_weight: torch.Tensor) -> torch.Tensor:
-    """y[t] = x[t] @ W_text^T for text tokens, x[t] @ W_image^T for image tokens; x [s, b, in], mask [s, b]."""
+    """y[t] = x[t] @ W_text^T for text tokens, x[t] @ W_image^T for image tokens; x [s, b, in]."""
     s, b, _ = x.shape
-    flat, m = x.reshape(s * b, -1), mask.reshape(-1)
-    img_idx, txt_idx = m.nonzero().squeeze(1), (~m).nonzero().squeeze(1)
+    flat, img_idx, txt_idx = x.reshape(s * b, -1), routing.image_idx, routing.text_idx
     y = flat.new_zeros(s * b, text_weight.shape[0])
     y = y.index_copy(0, txt_idx, F.linear(flat[txt_idx], text_weight))
     y = y.index_copy(0, img_idx, F.linear(flat[img_idx], image_weight))
@@ -55,7 +57,7 @@ class ModalitySplitColumnParallelLinear(ColumnParallelLinear):
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.head_dim = config.kv_channels
         self.image_weight = torch.nn.Parameter(self._text_rows_for_image().detach().clone())
-        self.image_mask: Optional[torch.Tensor] = None
+        self.routing: Optional[ImageRouting] = None
 
     def _per_group(self, w: torch.Tensor) -> torch.Tensor:
         return w.view(self.groups, self.heads_per_group + 2, self.head_dim, -1)
@@ -78,12 +80,11 @@ class ModalitySplitColumnParallelLinear(ColumnParallelLinear):
         return torch.cat([q_rows, kv_rows], dim=1).reshape(self.weight.shape)
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
-        mask = self.image_mask
-        if mask is None or not bool(mask.any()):
+        if self.routing is None or not self.routing.any_image:
             out, bias = super().forward(input_)
             return out + 0.0 * self.image_weight.sum(), bias
         x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        return _routed_matmul(x, mask, self.weight, self.image_full_weight()), None
+        return _routed_matmul(x, self.routing, self.weight, self.image_full_weight()), None
 
 
 class ModalitySplitRowParallelLinear(RowParallelLinear):
@@ -93,18 +94,17 @@ class ModalitySplitRowParallelLinear(RowParallelLinear):
         super().__init__(input_size, output_size, config=config, **kwargs)
         _check_supported(self)
         self.image_weight = torch.nn.Parameter(self.weight.detach().clone())
-        self.image_mask: Optional[torch.Tensor] = None
+        self.routing: Optional[ImageRouting] = None
 
     def copy_text_weight_to_image(self) -> None:
         with torch.no_grad():
             self.image_weight.copy_(self.weight)
 
     def forward(self, input_: torch.Tensor):
-        mask = self.image_mask
-        if mask is None or not bool(mask.any()):
+        if self.routing is None or not self.routing.any_image:
             out, bias = super().forward(input_)
             return out + 0.0 * self.image_weight.sum(), bias
-        partial = _routed_matmul(input_, mask, self.weight, self.image_weight)
+        partial = _routed_matmul(input_, self.routing, self.weight, self.image_weight)
         return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group), None
 
 
