@@ -160,9 +160,7 @@ class ParallelConfig:
             )
         if llm.ffn_hidden_size % self.tp:
             raise ConfigError(f"tensor parallel size {self.tp} does not divide ffn_hidden_size={llm.ffn_hidden_size}")
-        padded = llm.padded_vocab_size(self.tp)
-        if padded % self.tp:  # cannot happen with the padding rule, kept as the documented invariant
-            raise ConfigError(f"tensor parallel size {self.tp} does not divide padded vocab {padded}")
+        # The padded vocabulary is a multiple of make_vocab_size_divisible_by x TP, so TP always divides it.
         if self.pp_layers is not None:
             if self.vpp is not None:
                 raise ConfigError("parallel.pp_layers and parallel.vpp cannot be combined")
