@@ -145,6 +145,9 @@ def model_config(args: argparse.Namespace, world_size: int, vocab_size: int | No
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch-size "
                           f"({args.micro_batch_size}) x data-parallel size ({dp})")
+    if args.pack and pp > 1:
+        raise ConfigError("--pack gives a varying number of rows per microbatch, but pipeline parallelism exchanges "
+                          "fixed [seq, micro-batch, hidden] shapes: use --pack with --pipeline-model-parallel-size 1")
     if args.trainable.new_token_rows_only and not args.trainable.llm and args.weight_decay:
         raise ConfigError(f"--trainable new_token_rows_only masks the gradients of the other embedding rows, but "
                           f"--weight-decay {args.weight_decay} would still shrink them: use --weight-decay 0")

@@ -38,6 +38,7 @@ def test_trainable_parts_are_validated():
     (["--tensor-model-parallel-size", "3"], 3, "tensor parallel size 3 does not divide num_attention_heads=4"),
     (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by tp(2) x pp(1)"),
     (["--seq-length", "4096"], 1, "exceeds the model's max_position_embeddings 512"),
+    (["--seq-length", "256", "--pack", "--pipeline-model-parallel-size", "2"], 2, "use --pack with"),
     (["--seq-length", "256", "--trainable", "projector,new_token_rows_only", "--weight-decay", "0.1"], 1,
      "would still shrink them: use --weight-decay 0"),
 ])
