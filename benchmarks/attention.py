@@ -17,14 +17,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from megatron_visualchat.model.mmca import (
-    COMBINE,
-    IMAGE_ROWS,
-    MODALITY_IMAGE,
-    MODALITY_TEXT,
-    mmca_attention,
-    mmca_attention_reference,
-)
+from megatron_visualchat.config import COMBINES, IMAGE_ROWS
+from megatron_visualchat.model.mmca import mmca_attention, mmca_attention_reference
+from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_TEXT, NO_IMAGE
 
 # Live float32 [B, H, Lq, Lk] maps the reference needs at its peak (scores, masked copies and softmax per
 # branch, saved activations, their gradients): an over-estimate used to skip sizes that cannot fit.
@@ -41,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--image-tokens", type=int, default=256)
     parser.add_argument("--image-rows", choices=IMAGE_ROWS, default="self")
-    parser.add_argument("--combine", choices=COMBINE, default="sum")
+    parser.add_argument("--combine", choices=COMBINES, default="sum")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations (include torch.compile)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny float32 sizes on CPU")
@@ -59,7 +54,7 @@ def make_layout(length: int, images: int, image_tokens: int) -> tuple[torch.Tens
     """Evenly spaced images in text -> (modality [L], image_id [L], number of images placed)."""
     images = min(images, (length // 2) // image_tokens)
     modality = torch.full((length,), MODALITY_TEXT)
-    image_id = torch.full((length,), -1)
+    image_id = torch.full((length,), NO_IMAGE)
     gap = (length - images * image_tokens) // (images + 1)
     for n in range(images):
         start = gap * (n + 1) + n * image_tokens

@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 
 from megatron_visualchat.config import (
-    ATTENTION_MODES, LLM_PRESETS, MODALITY_SPLITS, AttentionConfig, ParallelConfig, VisionConfig, VisualChatConfig,
+    ATTENTION_MODES, DTYPES, LLM_PRESETS, MODALITY_SPLITS, AttentionConfig, ParallelConfig, VisionConfig, VisualChatConfig,
 )
-from megatron_visualchat.data import synthetic_corpus_lines, train_tiny_sentencepiece
+from megatron_visualchat.data import train_tiny_sentencepiece
+from megatron_visualchat.data.synthetic import synthetic_corpus_lines
 from megatron_visualchat.data.templates import DSVC_SYSTEM
 from megatron_visualchat.model.vision import ENCODERS
 
@@ -40,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--encoder", choices=sorted(ENCODERS), default="tiny")
     parser.add_argument("--mode", choices=ATTENTION_MODES, default="mmca")
     parser.add_argument("--modality-split", choices=MODALITY_SPLITS, default="none")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
@@ -68,7 +69,7 @@ def build(args):
     llm = dataclasses.replace(llm, vocab_size=max(llm.vocab_size, tok.vocab_size))
     cfg = VisualChatConfig(llm=llm, attention=AttentionConfig(mode=args.mode, modality_split=args.modality_split),
                            vision=VisionConfig(encoder=args.encoder, projector="linear"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = VisualChatModel(cfg, params_dtype=dtype).to(info.device).eval()
     return model, tok, info.device
 

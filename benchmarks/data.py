@@ -11,6 +11,13 @@ import os
 import tempfile
 import time
 
+from megatron_visualchat.data.dataset import build_train_dataset
+from megatron_visualchat.data.loader import build_dataloader
+from megatron_visualchat.data.synthetic import generate_synthetic_dataset, synthetic_corpus_lines
+from megatron_visualchat.data.tokenizer import train_tiny_sentencepiece
+from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_PAD
+from megatron_visualchat.model.vision import get_encoder_spec
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -23,12 +30,6 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=None, help="reuse a generated synthetic set")
     args = p.parse_args(argv)
 
-    from megatron_visualchat.data.dataset import build_train_dataset
-    from megatron_visualchat.data.loader import build_dataloader
-    from megatron_visualchat.data.synthetic import generate_synthetic_dataset, synthetic_corpus_lines
-    from megatron_visualchat.data.tokenizer import train_tiny_sentencepiece
-    from megatron_visualchat.model.vision import get_encoder_spec
-
     root = args.data_dir or tempfile.mkdtemp(prefix="vchat-data-bench-")
     if not os.path.exists(os.path.join(root, "train.jsonl")):
         generate_synthetic_dataset(root, args.num_samples, seed=0)
@@ -36,15 +37,15 @@ def main(argv=None) -> None:
     spec = get_encoder_spec(args.encoder)
     dataset = build_train_dataset([{"format": "jsonl", "path": os.path.join(root, "train.jsonl")}], tokenizer,
                                   num_image_tokens=spec.num_image_tokens, max_seq_len=args.max_seq_len, split="all")
-    print(f"| encoder | workers | batch | samples/s | image tokens/s | tokens/s |\n|---|---|---|---|---|---|")
+    print("| encoder | workers | batch | samples/s | image tokens/s | tokens/s |\n|---|---|---|---|---|---|")
     for workers in args.workers:
         loader = build_dataloader(dataset, spec.preprocess.transform(), batch_size=args.batch_size,
                                   image_size=spec.image_size, num_workers=workers, pack=args.pack)
         start, samples, image_tokens, tokens = time.perf_counter(), 0, 0, 0
         for batch in loader:
             samples += args.batch_size
-            image_tokens += int((batch["modality"] == 2).sum())
-            tokens += int((batch["modality"] != 0).sum())
+            image_tokens += int((batch["modality"] == MODALITY_IMAGE).sum())
+            tokens += int((batch["modality"] != MODALITY_PAD).sum())
         dt = time.perf_counter() - start
         print(f"| {args.encoder} | {workers} | {args.batch_size} | {samples / dt:.0f} | {image_tokens / dt:.0f} | "
               f"{tokens / dt:.0f} |")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
@@ -14,14 +13,6 @@ COMMANDS: dict[str, str] = {
     "chat": "megatron_visualchat.inference.cli:main",
     "eval-replay": "megatron_visualchat.inference.cli:eval_main",
 }
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """argparse type for comma-separated integers (per-stage layer counts, e.g. 18,22,20,20)."""
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 18,22, got {text!r}") from None
 
 
 def main(argv=None) -> int:

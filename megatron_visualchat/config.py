@@ -2,6 +2,10 @@
 
 Everything is checked up front (``VisualChatConfig.validate``) so that a wrong TP/PP size or option fails in the
 first second with the numbers in the message, not an hour into a 70B job.
+
+This module is also the one home of the option names (``ATTENTION_MODES`` ... ``BACKENDS``, ``DTYPES``), of the
+check that a value is one of them (``check_choice``) and of the split of a world of processes into TP x PP x DP
+(``ParallelConfig.for_world``); other modules import them from here.
 """
 
 from __future__ import annotations
@@ -18,9 +22,24 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and what would be valid."""
 
 
-def _choice(name: str, value, allowed) -> None:
+def check_choice(name: str, value, allowed) -> None:
+    """Refuse ``value`` unless it is in ``allowed``: ``ConfigError("name='x' is not one of [...]")``."""
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {sorted(allowed)}")
+
+
+# Precision names as the command lines spell them (--dtype, checkpoint records).
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(*, bf16: bool = False, fp16: bool = False) -> str:
+    """The ``DTYPES`` name for megatron-style ``--bf16`` / ``--fp16`` flags (neither: fp32; bf16 wins over fp16)."""
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+def dtype_from_flags(*, bf16: bool = False, fp16: bool = False) -> torch.dtype:
+    """The parameter dtype for ``--bf16`` / ``--fp16`` flags (see ``dtype_name``)."""
+    return DTYPES[dtype_name(bf16=bf16, fp16=fp16)]
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,8 @@ BACKENDS = ("local", "te")
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """How text and image tokens attend (see shared/design/mmca.md)."""
+    """How text and image tokens attend (see docs/design/mmca.md). ``validate`` is the one check of these options
+    and of their combinations; ``model/layer_specs.py`` builds from a validated one without checking again."""
 
     mode: str = "mmca"
     modality_split: str = "none"
@@ -98,11 +118,18 @@ class AttentionConfig:
     modality_norms: bool = False  # mPLUG-Owl2: per-modality input / pre-MLP norms
 
     def validate(self) -> None:
-        _choice("attention.mode", self.mode, ATTENTION_MODES)
-        _choice("attention.modality_split", self.modality_split, MODALITY_SPLITS)
-        _choice("attention.image_rows", self.image_rows, IMAGE_ROWS)
-        _choice("attention.combine", self.combine, COMBINES)
-        _choice("attention.backend", self.backend, BACKENDS)
+        check_choice("attention.mode", self.mode, ATTENTION_MODES)
+        check_choice("attention.modality_split", self.modality_split, MODALITY_SPLITS)
+        check_choice("attention.image_rows", self.image_rows, IMAGE_ROWS)
+        check_choice("attention.combine", self.combine, COMBINES)
+        check_choice("attention.backend", self.backend, BACKENDS)
+        if self.backend == "te" and self.modality_split != "none":
+            raise ConfigError(f"attention.modality_split={self.modality_split!r} needs backend='local': "
+                              "Transformer-Engine fuses the input norm into linear_qkv, which the split projection "
+                              "replaces")
+        if self.backend == "te" and self.modality_norms:
+            raise ConfigError("attention.modality_norms needs backend='local': Transformer-Engine fuses the norms "
+                              "into the linears")
 
 
 @dataclass(frozen=True)
@@ -142,9 +169,31 @@ class ParallelConfig:
     vpp: Optional[int] = None
     pp_layers: Optional[tuple[int, ...]] = None
 
+    @classmethod
+    def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                  pp_layers: Optional[tuple[int, ...]] = None) -> "ParallelConfig":
+        """The layout of ``world_size`` processes into tp x pp model-parallel groups; data parallelism takes the
+        rest (dp = world_size / (tp x pp)). Refuses a world size that is not a multiple of tp x pp."""
+        for name, value in (("tp", tp), ("pp", pp)):
+            if value < 1:
+                raise ConfigError(f"parallel.{name}={value} must be >= 1")
+        if world_size < 1:
+            raise ConfigError(f"world size {world_size} must be >= 1")
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not divisible by tp({tp}) x pp({pp}): launch a multiple "
+                              f"of {tp * pp} processes")
+        return cls(tp=tp, pp=pp, dp=world_size // (tp * pp), vpp=vpp, pp_layers=pp_layers)
+
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse a number of processes other than tp x pp x dp."""
+        if world_size != self.world_size:
+            raise ConfigError(
+                f"world size {world_size} != tp({self.tp}) x pp({self.pp}) x dp({self.dp}) = {self.world_size}"
+            )
 
     def validate(self, llm: LLMConfig, world_size: Optional[int] = None) -> None:
         for name in ("tp", "pp", "dp"):
@@ -177,10 +226,8 @@ class ParallelConfig:
                 raise ConfigError(f"pipeline size {what} does not divide num_layers={llm.num_layers}")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             raise ConfigError(f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
-        if world_size is not None and world_size != self.world_size:
-            raise ConfigError(
-                f"world size {world_size} != tp({self.tp}) x pp({self.pp}) x dp({self.dp}) = {self.world_size}"
-            )
+        if world_size is not None:
+            self.check_world_size(world_size)
 
 
 @dataclass(frozen=True)
@@ -193,7 +240,7 @@ class VisualChatConfig:
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "VisualChatConfig":
-        _choice("preset", preset, LLM_PRESETS)
+        check_choice("preset", preset, LLM_PRESETS)
         return cls(llm=LLM_PRESETS[preset], **overrides)
 
     def replace(self, **changes) -> "VisualChatConfig":
@@ -221,6 +268,8 @@ def pipeline_layout(parallel: ParallelConfig) -> Optional[list[list[str]]]:
 def to_transformer_config(cfg: VisualChatConfig, params_dtype: torch.dtype = torch.float32, **extra):
     """Map to megatron-core's ``TransformerConfig``. It must carry the real TP and PP sizes: megatron-core derives
     the number of layers each stage builds from them (without PP every stage silently builds all layers)."""
+    # Imported here, not at the top: the checkpoint converter and the inference package import this module and
+    # start without megatron-core (`megatron-visualchat chat --help` stays quick).
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg.validate()

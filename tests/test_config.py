@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from megatron_visualchat.config import (
-    LLM_PRESETS, AttentionConfig, ConfigError, ParallelConfig, TrainableConfig, VisualChatConfig, pipeline_layout,
-    to_transformer_config,
+    DTYPES, LLM_PRESETS, AttentionConfig, ConfigError, ParallelConfig, TrainableConfig, VisualChatConfig,
+    check_choice, dtype_from_flags, dtype_name, pipeline_layout, to_transformer_config,
 )
 
 
@@ -39,6 +39,21 @@ def test_parallel_validation_names_the_numbers(parallel, world, message):
     assert message in str(err.value)
 
 
+def test_world_size_splits_into_tp_pp_and_the_rest_data_parallel():
+    par = ParallelConfig.for_world(16, tp=2, pp=4, vpp=2)
+    assert (par.tp, par.pp, par.dp, par.vpp, par.world_size) == (2, 4, 2, 2, 16)
+    assert ParallelConfig.for_world(1) == ParallelConfig()
+    assert ParallelConfig.for_world(4, pp=2, pp_layers=(1, 3)).pp_layers == (1, 3)
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by tp\(2\) x pp\(2\): launch a multiple"):
+        ParallelConfig.for_world(6, tp=2, pp=2)
+    with pytest.raises(ConfigError, match="parallel.tp=0 must be >= 1"):
+        ParallelConfig.for_world(4, tp=0)
+    with pytest.raises(ConfigError, match="world size 0 must be >= 1"):
+        ParallelConfig.for_world(0)
+    with pytest.raises(ConfigError, match=r"world size 3 != tp\(2\) x pp\(1\) x dp\(1\) = 2"):
+        ParallelConfig(tp=2).check_world_size(3)
+
+
 def test_tp_must_divide_query_groups_of_70b():
     with pytest.raises(ConfigError, match="does not divide num_query_groups=8"):
         VisualChatConfig.from_preset("llama2-70b", parallel=ParallelConfig(tp=16)).validate()
@@ -50,6 +65,29 @@ def test_tp_must_divide_query_groups_of_70b():
 def test_attention_options_are_refused_with_the_allowed_set(field, value):
     with pytest.raises(ConfigError, match=f"attention.{field}={value!r} is not one of"):
         VisualChatConfig(attention=AttentionConfig(**{field: value})).validate()
+
+
+@pytest.mark.parametrize("attention,message", [
+    (AttentionConfig(backend="te", modality_split="kv"), "attention.modality_split='kv' needs backend='local'"),
+    (AttentionConfig(backend="te", modality_norms=True), "attention.modality_norms needs backend='local'"),
+])
+def test_attention_combinations_transformer_engine_cannot_build_are_refused(attention, message):
+    with pytest.raises(ConfigError, match=message):
+        VisualChatConfig(attention=attention).validate()
+    AttentionConfig(backend="te").validate()  # the plain TE recipe is fine
+
+
+def test_check_choice_names_the_value_and_the_allowed_set():
+    check_choice("x", "b", ("a", "b"))
+    with pytest.raises(ConfigError, match=r"^x='c' is not one of \['a', 'b'\]$"):
+        check_choice("x", "c", ("b", "a"))
+
+
+def test_one_dtype_mapping_for_names_and_flags():
+    assert DTYPES == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert dtype_from_flags() == torch.float32 and dtype_name() == "fp32"
+    assert dtype_from_flags(bf16=True) == torch.bfloat16 and dtype_from_flags(fp16=True) == torch.float16
+    assert dtype_name(bf16=True, fp16=True) == "bf16"  # bf16 wins, as the trainer has always read the flags
 
 
 def test_unknown_preset_and_exclusive_trainables():

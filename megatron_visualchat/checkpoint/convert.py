@@ -2,8 +2,8 @@
 
 ``hf-to-megatron`` validates everything first (config.json, TP/PP against heads/groups/ffn/layers, every shard file
 and tensor with its shape, the output directory) and writes nothing when anything is wrong. It then walks the
-pipeline stages; for each megatron tensor it reads only the HF tensors it is made of (safetensors lazily, ``.bin``
-through ``torch.load(weights_only=True, mmap=True)``), writes every TP rank's shard straight into that rank's file
+pipeline stages; for each megatron tensor it reads only the HF tensors it is made of (``weight_files.HFWeights``:
+safetensors or ``.bin``, one tensor's bytes at a time), writes every TP rank's shard straight into that rank's file
 and frees them: peak memory is about one fused tensor (gate + up) or the padded embedding, whatever the model size.
 ``megatron-to-hf`` reverses it, writing safetensors shards of at most ``--max-shard-size``.
 """
@@ -22,39 +22,33 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 from tqdm import tqdm
 
+from megatron_visualchat.argtypes import int_list
+from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.checkpoint.hf_llama import (
     HF_IGNORED_SUFFIXES,
     HF_LM_HEAD,
-    CheckpointError,
     hf_tensor_shapes,
     hf_tensors,
     llm_config_from_hf,
     rank_parts,
     stage_state_keys,
 )
+from megatron_visualchat.checkpoint.layout import TRACKER_FILE, read_tracker, write_tracker
 from megatron_visualchat.checkpoint.legacy_format import (
     CHECKPOINT_VERSION,
-    DTYPES,
     RECORD_FILE,
-    TRACKER_FILE,
     ConversionRecord,
-    RankFileReader,
     RankFileWriter,
     dtype_from_name,
     megatron_args,
     rank_file,
-    read_tracker,
-    write_tracker,
 )
-from megatron_visualchat.cli import int_list
-from megatron_visualchat.config import ConfigError, LLMConfig, ParallelConfig
+from megatron_visualchat.checkpoint.weight_files import SAFETENSORS_INDEX, HFWeights, TorchFile
+from megatron_visualchat.config import DTYPES, ConfigError, LLMConfig, ParallelConfig
 
 TOKENIZER_DIR = "tokenizer"  # where hf-to-megatron keeps the HF tokenizer files, for megatron-to-hf and training
 SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "generation_config.json")
-HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HF_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 # What --force replaces in an existing output directory (nothing else there is touched).
 MEGATRON_OUTPUTS = (TRACKER_FILE, RECORD_FILE, "iter_*", "release", TOKENIZER_DIR)
 HF_OUTPUTS = ("*.safetensors", SAFETENSORS_INDEX, "config.json", *SIDE_FILES)
@@ -68,29 +62,8 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB
 
 # ------------------------------------------------------------------------------------------ HF reading
 
-def _load_bin(path: Path, *, meta: bool) -> dict:
-    """A ``.bin`` state dict, never unpickling code: shapes only (meta) or memory-mapped tensors."""
-    try:
-        state = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=not meta)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for unreadable/unsafe files
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True, mmap=True) ({e}); "
-                              "re-save it with a recent torch or convert it to safetensors") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    return {k: tuple(v.shape) for k, v in _load_bin(path, meta=True).items() if isinstance(v, torch.Tensor)}
-
-
 class HFCheckpoint:
-    """A HF model directory: ``config.json`` and tensors read one at a time from safetensors or ``.bin`` shards."""
+    """A HF model directory: its ``config.json`` and its weights, checked against what the config implies."""
 
     def __init__(self, hf_dir: Union[str, Path]):
         self.dir = Path(hf_dir)
@@ -101,42 +74,26 @@ class HFCheckpoint:
             self.config = json.loads(self.config_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{self.config_path}: invalid JSON ({e})") from None
-        self.weight_map = self._weight_map()
-
-    def _weight_map(self) -> dict[str, Path]:
-        for index_name in HF_WEIGHT_INDEXES:
-            index = self.dir / index_name
-            if index.is_file():
-                weight_map = json.loads(index.read_text()).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise CheckpointError(f"{index}: no 'weight_map'")
-                missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
-                if missing:
-                    raise CheckpointError(f"{index} names shard files that are missing in {self.dir}: {missing}")
-                return {name: self.dir / f for name, f in weight_map.items()}
-        for single in HF_SINGLE_FILES:
-            path = self.dir / single
-            if path.is_file():
-                return {name: path for name in _file_shapes(path)}
-        raise CheckpointError(f"{self.dir}: no weights ({' / '.join(HF_WEIGHT_INDEXES + HF_SINGLE_FILES)})")
+        self.weights = HFWeights(self.dir)
 
     def check(self, expected: Mapping[str, tuple[int, ...]], *, tolerated: Iterable[str] = ()) -> None:
         """Every expected tensor is in its file with its shape; nothing else would be dropped silently."""
         tolerated = set(tolerated)
         problems = []
-        missing = [n for n in expected if n not in self.weight_map]
+        weight_map = self.weights.weight_map
+        missing = [n for n in expected if n not in weight_map]
         if missing:
             problems.append(f"missing tensors: {_short(missing)}")
-        unexpected = [n for n in self.weight_map if n not in expected and n not in tolerated
+        unexpected = [n for n in weight_map if n not in expected and n not in tolerated
                       and not n.endswith(HF_IGNORED_SUFFIXES)]
         if unexpected:
             problems.append(f"tensors this architecture does not have (would be dropped): {_short(unexpected)}")
         by_file: dict[Path, list[str]] = {}
         for name in expected:
-            if name in self.weight_map:
-                by_file.setdefault(self.weight_map[name], []).append(name)
+            if name in weight_map:
+                by_file.setdefault(weight_map[name], []).append(name)
         for path, names in by_file.items():
-            shapes = _file_shapes(path)
+            shapes = self.weights.shapes(path)
             absent = [n for n in names if n not in shapes]
             if absent:
                 problems.append(f"{path.name} lacks tensors its index assigns to it: {_short(absent)}")
@@ -146,16 +103,6 @@ class HFCheckpoint:
                 problems.append(f"{path.name}: wrong shapes for config.json: {_short(wrong)}")
         if problems:
             raise CheckpointError(f"{self.dir}: " + "; ".join(problems))
-
-    def get(self, name: str) -> torch.Tensor:
-        path = self.weight_map[name]
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            # Opened per tensor so that no mapping of an earlier shard stays resident.
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name)
-        return _load_bin(path, meta=False)[name].clone()
 
 
 def _short(items: Sequence[str], limit: int = 8) -> str:
@@ -244,7 +191,7 @@ def hf_to_megatron(
                 for key, tmap in keys:
                     if tmap is None:
                         continue
-                    sources = [hf.get(n).to(target) for n in tmap.hf]
+                    sources = [hf.weights[n].to(target) for n in tmap.hf]
                     for r, writer in enumerate(writers):
                         writer.write(key, rank_parts(tmap, sources, llm, tp, r))
                     del sources
@@ -312,14 +259,14 @@ class _SafetensorsShards:
         return files
 
 
-def _open_rank_files(load_dir: Path, record: ConversionRecord, iteration) -> list[list[RankFileReader]]:
+def _open_rank_files(load_dir: Path, record: ConversionRecord, iteration) -> list[list[TorchFile]]:
     """Readers for every rank file, after checking all of them exist and hold every expected tensor."""
     par = record.parallel
     paths = [[rank_file(load_dir, iteration, t, s, par.pp) for t in range(par.tp)] for s in range(par.pp)]
     missing = [str(p) for stage in paths for p in stage if not p.is_file()]
     if missing:
         raise CheckpointError(f"{load_dir}: missing rank files for TP={par.tp}, PP={par.pp}: {_short(missing)}")
-    readers = [[RankFileReader(p) for p in stage] for stage in paths]
+    readers = [[TorchFile(p) for p in stage] for stage in paths]
     for s, stage in enumerate(readers):
         expected = [k for k, m in stage_state_keys(record.llm, par, s) if m is not None]
         for reader in stage:

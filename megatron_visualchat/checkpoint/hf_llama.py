@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.checkpoint.sharding import (
     merge_tensors,
     pad_vocab_rows,
@@ -22,10 +23,6 @@ from megatron_visualchat.checkpoint.sharding import (
     stage_layer_range,
 )
 from megatron_visualchat.config import LLMConfig, ParallelConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted or loaded; the message names the file, tensor or value."""
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")

@@ -1,6 +1,6 @@
 """Megatron-LM's legacy ``torch`` checkpoint layout, written and read tensor by tensor, and the one-call loader.
 
-Layout (``megatron/training/checkpointing.py``)::
+Layout (Megatron-LM's ``--ckpt-format torch``, directory conventions in ``layout.py``)::
 
     <dir>/latest_checkpointed_iteration.txt          "0"
     <dir>/iter_0000000/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   (the _{pp:03d} suffix only when PP > 1)
@@ -13,7 +13,7 @@ itself stores an ``argparse.Namespace``: load these with ``--no-load-optim --no-
 Bounded memory: ``RankFileWriter`` lets ``torch.save`` lay the file out from shapes alone (``skip_data`` + fake
 tensors), then writes each tensor's bytes at its offset as it is produced, so a rank file never sits in memory.
 Like ``torch.serialization.set_crc32_options(False)``, the zip CRC fields stay unset; ``torch.load`` does not
-check them. ``RankFileReader`` reads single tensors by offset the same way.
+check them. ``weight_files.TorchFile`` reads single tensors back by offset the same way.
 """
 
 from __future__ import annotations
@@ -26,20 +26,21 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from megatron_visualchat.checkpoint.hf_llama import CheckpointError
+from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.layout import Iteration, iteration_dir, rank_dir, read_tracker
 from megatron_visualchat.checkpoint.sharding import (
     merge_state_dicts,
     pad_vocab_rows,
     shard_state_dict,
     stage_layer_range,
 )
-from megatron_visualchat.config import LLMConfig, ParallelConfig
+from megatron_visualchat.checkpoint.weight_files import TorchFile, tensor_offset
+from megatron_visualchat.config import DTYPES, LLMConfig, ParallelConfig, check_choice
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RECORD_FILE = "megatron_visualchat_config.json"
 CHECKPOINT_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
@@ -51,39 +52,12 @@ TE_NORM_KEYS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is not one of {sorted(DTYPES)}")
+    check_choice("dtype", name, DTYPES)
     return DTYPES[name]
 
 
-# ------------------------------------------------------------------------------------------------- paths
-
-def iteration_dir(load_dir: Union[str, Path], iteration: Union[int, str]) -> Path:
-    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-    return Path(load_dir) / name
-
-
-def rank_file(load_dir: Union[str, Path], iteration: Union[int, str], tp_rank: int, pp_rank: int, pp: int) -> Path:
-    rank = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
-    return iteration_dir(load_dir, iteration) / rank / CHECKPOINT_FILE
-
-
-def write_tracker(load_dir: Union[str, Path], iteration: int) -> None:
-    (Path(load_dir) / TRACKER_FILE).write_text(str(iteration))
-
-
-def read_tracker(load_dir: Union[str, Path]) -> Union[int, str]:
-    path = Path(load_dir) / TRACKER_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: {load_dir} is not a Megatron checkpoint directory "
-                              "(or its conversion did not finish)")
-    text = path.read_text().strip()
-    if text == "release":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+def rank_file(load_dir: Union[str, Path], iteration: Iteration, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    return rank_dir(iteration_dir(load_dir, iteration), tp_rank, pp_rank, pp_suffix=pp > 1) / CHECKPOINT_FILE
 
 
 # ------------------------------------------------------------------------------------------------ record
@@ -159,8 +133,6 @@ class RankFileWriter:
 
     def __init__(self, path: Path, layout: Mapping[str, Optional[tuple[Sequence[int], torch.dtype]]],
                  extra: Mapping):
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         path.parent.mkdir(parents=True, exist_ok=True)
         with FakeTensorMode():
             skeleton = {k: None if spec is None else torch.empty(tuple(spec[0]), dtype=spec[1])
@@ -169,7 +141,7 @@ class RankFileWriter:
             torch.save({"model": skeleton, **extra}, path)
         placed = torch.load(path, map_location="meta", weights_only=True)["model"]
         self.path = path
-        self._slots = {k: (_checkpoint_offset(t, path, k), t.shape, t.dtype)
+        self._slots = {k: (tensor_offset(t, path, k), t.shape, t.dtype)
                        for k, t in placed.items() if t is not None}
         self._written: set[str] = set()
         self._file = open(path, "r+b")
@@ -201,44 +173,6 @@ class RankFileWriter:
             self.close()
         else:
             self._file.close()
-
-
-def _checkpoint_offset(t: torch.Tensor, path: Path, name: str) -> int:
-    offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-    if offset is None:
-        raise RuntimeError(f"{path}: torch {torch.__version__} does not report where {name} is stored "
-                           "(torch.load(map_location='meta') sets storage._checkpoint_offset since torch 2.6)")
-    return offset + t.storage_offset() * t.element_size()
-
-
-class RankFileReader:
-    """Tensors of one ``model_optim_rng.pt`` read one at a time (only the pickle is loaded up front)."""
-
-    def __init__(self, path: Path):
-        if not path.is_file():
-            raise CheckpointError(f"missing checkpoint file {path}")
-        obj = torch.load(path, map_location="meta", weights_only=True)
-        if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-            raise CheckpointError(f"{path}: no 'model' state dict (found keys {sorted(obj)[:10]})")
-        self.path = path
-        self._meta: dict = obj["model"]
-
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def read(self, name: str) -> Optional[torch.Tensor]:
-        if name not in self._meta:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing")
-        meta = self._meta[name]
-        if not isinstance(meta, torch.Tensor):
-            return meta
-        span = 1 + sum((s - 1) * st for s, st in zip(meta.shape, meta.stride())) if meta.numel() else 0
-        out = torch.empty(span, dtype=meta.dtype)
-        with open(self.path, "rb") as f:
-            f.seek(_checkpoint_offset(meta, self.path, name))
-            if f.readinto(out.view(torch.uint8).numpy()) != span * meta.element_size():
-                raise CheckpointError(f"{self.path}: file ends inside tensor {name} (truncated?)")
-        return out.as_strided(meta.shape, meta.stride())
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -294,7 +228,7 @@ def _reshard(load_dir, record: ConversionRecord, iteration, model_keys, *, tp, t
         if not (keep or take_embedding or take_head):
             continue
         for t in range(saved.tp):
-            reader = RankFileReader(rank_file(load_dir, iteration, t, s, saved.pp))
+            reader = TorchFile(rank_file(load_dir, iteration, t, s, saved.pp))
             shards.append((t, s, s_layers, {n: reader.read(n) for n in reader.keys() if wanted(n)}))
     full = merge_state_dicts(shards, saved.tp)
     if not llm.untie_embeddings:

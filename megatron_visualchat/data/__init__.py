@@ -6,39 +6,29 @@ Typical use::
     ds = build_train_dataset([{"format": "llava", "path": "llava/conversation_58k.json", "concat": 2,
                                "options": {"images": "coco/train2017"}}], tok,
                              num_image_tokens=257, max_seq_len=4096)
-    loader = build_dataloader(ds, default_image_transform(224), batch_size=1, dp_rank=r, dp_size=n)
+    transform = ENCODERS["clip-vit-l-14-224"].preprocess.transform()  # the encoder's pixels (model/vision)
+    loader = build_dataloader(ds, transform, batch_size=1, dp_rank=r, dp_size=n)
+
+The synthetic data set (``data/synthetic.py``) is not re-exported here: it runs as ``python -m``, and a module
+its package imports first would be imported twice.
 """
 
-import importlib
+from megatron_visualchat.data.blend import BlendPlan, DatasetSpec, build_blend_plan
+from megatron_visualchat.data.collate import VisualChatCollator
+from megatron_visualchat.data.conversation import Conversation, Round, image_ref
+from megatron_visualchat.data.dataset import VisualChatDataset, build_train_dataset
+from megatron_visualchat.data.encode import IGNORE_INDEX, ConversationEncoder, EncodedConversation
+from megatron_visualchat.data.errors import SKIP_REASONS, SampleError
+from megatron_visualchat.data.formats import READERS, ConversationSource, open_source
+from megatron_visualchat.data.images import decode_image, load_image, open_image_store, to_rgb
+from megatron_visualchat.data.loader import ResumableShardedSampler, VisualChatDataLoader, build_dataloader
+from megatron_visualchat.data.templates import TEMPLATES, Template, get_template
+from megatron_visualchat.data.tokenizer import IMAGE_TOKEN, PAD_TOKEN, VisualChatTokenizer, train_tiny_sentencepiece
 
-# name -> submodule. Resolved lazily (PEP 562) so that light entry points such as
-# ``python -m megatron_visualchat.data.synthetic`` do not pay for importing torch.
-_EXPORTS = {
-    "BlendPlan": "blend", "DatasetSpec": "blend", "build_blend_plan": "blend",
-    "VisualChatCollator": "collate",
-    "Conversation": "conversation", "Round": "conversation", "image_ref": "conversation",
-    "VisualChatDataset": "dataset", "build_train_dataset": "dataset",
-    "IGNORE_INDEX": "encode", "ConversationEncoder": "encode", "EncodedConversation": "encode",
-    "SKIP_REASONS": "errors", "SampleError": "errors",
-    "READERS": "formats", "ConversationSource": "formats", "open_source": "formats",
-    "decode_image": "images", "load_image": "images", "open_image_store": "images", "to_rgb": "images",
-    "ResumableShardedSampler": "loader", "VisualChatDataLoader": "loader", "build_dataloader": "loader",
-    "generate_synthetic_dataset": "synthetic", "synthetic_corpus_lines": "synthetic",
-    "TEMPLATES": "templates", "Template": "templates", "get_template": "templates",
-    "IMAGE_TOKEN": "tokenizer", "PAD_TOKEN": "tokenizer", "VisualChatTokenizer": "tokenizer",
-    "train_tiny_sentencepiece": "tokenizer",
-    "default_image_transform": "transforms",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = [
+    "IGNORE_INDEX", "IMAGE_TOKEN", "PAD_TOKEN", "READERS", "SKIP_REASONS", "TEMPLATES", "BlendPlan", "Conversation",
+    "ConversationEncoder", "ConversationSource", "DatasetSpec", "EncodedConversation", "ResumableShardedSampler",
+    "Round", "SampleError", "Template", "VisualChatCollator", "VisualChatDataLoader", "VisualChatDataset",
+    "VisualChatTokenizer", "build_blend_plan", "build_dataloader", "build_train_dataset", "decode_image",
+    "get_template", "image_ref", "load_image", "open_image_store", "open_source", "to_rgb", "train_tiny_sentencepiece",
+]

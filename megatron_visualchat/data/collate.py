@@ -9,9 +9,9 @@ Output (all [B, L] tensors are at the final, spliced length L = longest row, or 
 * ``loss_mask``    float, labels != -100.
 * ``position_ids`` 0..n-1 per sample, restarting at 0 for each packed sample; pads **continue** counting from the
                    row's last sample (never beyond L-1, so within any RoPE table sized for L).
-* ``modality``     0 pad, 1 text, 2 image.
+* ``modality``     ``MODALITY_PAD`` / ``MODALITY_TEXT`` / ``MODALITY_IMAGE`` (``model/token_codes.py``).
 * ``image_id``     index of the image within its row in order of appearance (continuing across packed samples);
-                   -1 at text and pads.
+                   ``NO_IMAGE`` (-1) at text and pads.
 * ``sample_id``    0.. per packed sample within the row (all 0 without packing); **-1 at pads**.
 * ``pixel_values`` [N_images_total, 3, H, W] float32, row-major (row 0's images in order, then row 1's ...);
                    [0, 3, H, W] for a batch without images.
@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+
+from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_PAD, MODALITY_TEXT, NO_IMAGE
 
 from .encode import IGNORE_INDEX
 
@@ -97,8 +99,8 @@ class VisualChatCollator:
             "tokens": ids.repeat_interleave(repeats),
             # an image position never predicts anything, even if a template put a supervised token right after it
             "labels": torch.cat([targets[1:], torch.tensor([IGNORE_INDEX])]).masked_fill(expanded_image, IGNORE_INDEX),
-            "modality": torch.where(expanded_image, 2, 1),
-            "image_id": torch.where(expanded_image, image_index, -1),
+            "modality": torch.where(expanded_image, MODALITY_IMAGE, MODALITY_TEXT),
+            "image_id": torch.where(expanded_image, image_index, NO_IMAGE),
             "num_images": len(positions),
             "length": length,
         }
@@ -128,8 +130,8 @@ class VisualChatCollator:
             "tokens": torch.full((B, L), self.pad_id, dtype=torch.long),
             "labels": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),
             "position_ids": torch.zeros((B, L), dtype=torch.long),
-            "modality": torch.zeros((B, L), dtype=torch.long),
-            "image_id": torch.full((B, L), -1, dtype=torch.long),
+            "modality": torch.full((B, L), MODALITY_PAD, dtype=torch.long),
+            "image_id": torch.full((B, L), NO_IMAGE, dtype=torch.long),
             "sample_id": torch.full((B, L), -1, dtype=torch.long),
             "num_images": torch.zeros(B, dtype=torch.long),
         }
@@ -141,7 +143,7 @@ class VisualChatCollator:
                 span = slice(start, start + n)
                 for key in ("tokens", "labels", "modality"):
                     out[key][b, span] = e[key]
-                out["image_id"][b, span] = torch.where(e["image_id"] >= 0, e["image_id"] + images_before, -1)
+                out["image_id"][b, span] = torch.where(e["image_id"] >= 0, e["image_id"] + images_before, NO_IMAGE)
                 out["position_ids"][b, span] = torch.arange(n)
                 out["sample_id"][b, span] = k
                 pixels += [self._pixels(im, samples[i]) for im in samples[i]["images"]]

@@ -7,7 +7,9 @@ tensor-parallel chat/eval CLIs, evaluation replay and scoring.
     chat.ask("How does it differ from this one?", ["dog.jpg"])   # image 2; round 1 is not recomputed
 """
 
-from .checkpoint import build_chat_model, load_chat_checkpoint, save_chat_checkpoint
+from megatron_visualchat.checkpoint.chat import load_chat_checkpoint, save_chat_checkpoint
+
+from .checkpoint import build_chat_model
 from .eval_replay import load_eval_file, replay, summarize, summary_table, write_csv, write_jsonl
 from .generation import Generation, generate, run_chunk
 from .kv_cache import ContextFullError, KVCache

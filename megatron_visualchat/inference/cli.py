@@ -2,24 +2,35 @@
 
 One process per tensor-parallel rank: ``--tp 1`` runs as a plain command, ``--tp N`` under
 ``torchrun --nproc_per_node N``. Every rank builds its shard of the model from the chat checkpoint (``--load``,
-see ``inference/checkpoint.py``); rank 0 talks to the user or writes the files.
+see ``checkpoint/chat.py``); rank 0 talks to the user or writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 import torch
+import torch.distributed as dist
 
+from megatron_visualchat.config import DTYPES, ParallelConfig
 from megatron_visualchat.data.templates import TEMPLATES
+from megatron_visualchat.inference.checkpoint import build_chat_model
+from megatron_visualchat.inference.eval_replay import (
+    load_eval_file,
+    replay,
+    summarize,
+    summary_table,
+    write_csv,
+    write_jsonl,
+)
+from megatron_visualchat.inference.repl import ChatRepl
 from megatron_visualchat.inference.sampling import SamplingParams
 from megatron_visualchat.inference.session import DEFAULT_MAX_IMAGES, ChatSession
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +54,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def init_inference_parallel(tp: int, seed: int):
     """Bring up TP=``tp`` process groups (or reuse ones already set up with that size); returns ParallelInfo."""
-    import os
-
-    import torch.distributed as dist
+    # megatron-core is imported only once a model is to be run: `chat --help` and argument errors stay quick.
     from megatron.core import parallel_state as ps
 
-    from megatron_visualchat.config import ParallelConfig
     from megatron_visualchat.parallel import initialize_parallel, parallel_info
 
     if tp < 1:
@@ -66,8 +74,6 @@ def init_inference_parallel(tp: int, seed: int):
 
 
 def _session(args) -> tuple[ChatSession, object]:
-    from megatron_visualchat.inference.checkpoint import build_chat_model
-
     # megatron-core's and torch.distributed's internal notices (apex missing, deprecated collectives, CUDA env
     # hints) would interleave with the streamed answers and say nothing a chat user can act on.
     warnings.filterwarnings("ignore", module=r"(megatron\.core|torch\.distributed)(\.|$)")
@@ -88,8 +94,6 @@ def _describe(session: ChatSession, args) -> str:
 
 def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None,
          stdout: Optional[TextIO] = None) -> int:
-    from megatron_visualchat.inference.repl import ChatRepl
-
     parser = argparse.ArgumentParser(prog="megatron-visualchat chat", description="multi-round, multi-image chat")
     _model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], help="image(s) attached to the first message")
@@ -104,10 +108,6 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None
 
 
 def eval_main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None) -> int:
-    from megatron_visualchat.inference.eval_replay import (
-        load_eval_file, replay, summarize, summary_table, write_csv, write_jsonl,
-    )
-
     parser = argparse.ArgumentParser(prog="megatron-visualchat eval-replay",
                                      description="replay scripted conversations into CSV/JSONL, score, summarise")
     _model_arguments(parser)

@@ -19,8 +19,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_visualchat.inference.kv_cache import KVCache
-from megatron_visualchat.inference.prompt import PAD, TEXT, Chunk
+from megatron_visualchat.inference.prompt import Chunk
 from megatron_visualchat.inference.sampling import SamplingParams, restrict_vocabulary, sample_tokens
+from megatron_visualchat.model.token_codes import MODALITY_PAD, MODALITY_TEXT, NO_IMAGE
 
 FINISH_EOS, FINISH_LENGTH, FINISH_CONTEXT = "eos", "length", "context_full"
 
@@ -108,8 +109,8 @@ def generate(model, cache: KVCache, prompt: Chunk, params: SamplingParams, *, eo
                 break
             device = prompt.tokens.device
             feed = torch.tensor([[t if t is not None else pad_id] for t in fresh], device=device)
-            modality = torch.tensor([[TEXT if t is not None else PAD] for t in fresh], device=device)
-            no_image = torch.full((b, 1), -1, dtype=torch.long, device=device)
+            modality = torch.tensor([[MODALITY_TEXT if t is not None else MODALITY_PAD] for t in fresh], device=device)
+            no_image = torch.full((b, 1), NO_IMAGE, dtype=torch.long, device=device)
             logits = run_chunk(model, cache, Chunk(feed, modality, no_image, None,
                                                    torch.zeros(b, dtype=torch.long, device=device)))
     # Tokens sampled in the last iteration were never fed; rows that finished earlier had their EOS fed.

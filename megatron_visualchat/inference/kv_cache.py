@@ -6,7 +6,7 @@ megatron-core 0.16.1 does the K/V bookkeeping: given ``inference_context=StaticI
 our core attention the keys of *all* cached positions, and rotates queries with the position offset. MMCA still
 needs to know what every cached key *is* (text, image, pad; which image), so this cache keeps those codes next to
 the K/V: a new text token then attends with both MMCA branches over the whole history, and a new image in a later
-round follows ``image_rows`` (mmca.md, "Decode with a KV cache").
+round follows ``image_rows`` (docs/design/mmca.md, "Decode with a KV cache").
 
 Positions are only committed after a forward succeeded (``commit``); rolling back a failed round is just moving
 the offset back (``truncate``): K/V beyond the offset are dead and get overwritten.
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_visualchat.model.token_codes import pack_token_codes
-
-TEXT, IMAGE = 1, 2
+from megatron_visualchat.model.token_codes import MODALITY_PAD, NO_IMAGE, pack_token_codes
 
 
 class ContextFullError(ValueError):
@@ -27,18 +25,18 @@ class ContextFullError(ValueError):
 
 class KVCache:
     def __init__(self, batch_size: int, max_length: int, device: torch.device | str = "cpu"):
-        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron.core.inference.contexts import StaticInferenceContext  # lazy: megatron-core takes seconds
 
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
         self.batch_size, self.max_length = batch_size, max_length
         self.context = StaticInferenceContext(batch_size, max_length)
-        self.modality = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
-        self.image_id = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
+        self.modality = torch.full((batch_size, max_length), MODALITY_PAD, dtype=torch.long, device=device)
+        self.image_id = torch.full((batch_size, max_length), NO_IMAGE, dtype=torch.long, device=device)
 
     @property
     def length(self) -> int:
-        """Positions committed so far (the same for every row; rows pad with modality 0)."""
+        """Positions committed so far (the same for every row; rows pad with ``MODALITY_PAD``)."""
         return int(self.context.sequence_len_offset)
 
     @property

@@ -3,7 +3,8 @@
 A round is rendered by the data package's template (``TEMPLATES["dsvc"]``: ``<s>``, system prompt in the first
 round only, ``### Image k:`` headers numbered across rounds, ``### Question:`` / ``### Answer:``) and tokenised
 piece by piece like ``ConversationEncoder``, so a chat history is token-for-token what training saw. Each
-``<image>`` becomes ``num_image_tokens`` positions carrying modality 2 and the image's index, as the collator does.
+``<image>`` becomes ``num_image_tokens`` positions carrying ``MODALITY_IMAGE`` and the image's index, as the
+collator does.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import torch
 
 from megatron_visualchat.data.conversation import Round
 from megatron_visualchat.data.templates import Piece, Template
-
-PAD, TEXT, IMAGE = 0, 1, 2
+from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_PAD, MODALITY_TEXT, NO_IMAGE
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Segment:
     @classmethod
     def text(cls, ids: Sequence[int]) -> "Segment":
         ids = [int(i) for i in ids]
-        return cls(ids, [TEXT] * len(ids), [-1] * len(ids))
+        return cls(ids, [MODALITY_TEXT] * len(ids), [NO_IMAGE] * len(ids))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -61,7 +61,7 @@ def round_segment(tokenizer, template: Template, round_index: int, question: str
     for piece in template.round_pieces(round_index, rnd, images_before + 1):
         if piece.kind == "image":
             out.tokens += [tokenizer.image_id] * num_image_tokens
-            out.modality += [IMAGE] * num_image_tokens
+            out.modality += [MODALITY_IMAGE] * num_image_tokens
             out.image_id += [next_image] * num_image_tokens
             next_image += 1
         else:
@@ -80,8 +80,8 @@ def answer_segment(tokenizer, template: Template, round_index: int, answer: str)
 
 @dataclass
 class Chunk:
-    """New positions for every row of a batch: [B, n] tensors, rows left-padded with pad tokens (modality 0, which
-    MMCA and causal attention never attend to). ``pixel_values`` holds the rows' new images row-major."""
+    """New positions for every row of a batch: [B, n] tensors, rows left-padded with pad tokens (``MODALITY_PAD``,
+    which MMCA and causal attention never attend to). ``pixel_values`` holds the rows' new images row-major."""
 
     tokens: torch.Tensor
     modality: torch.Tensor
@@ -104,6 +104,6 @@ class Chunk:
                                 device=device)
 
         pixels = [p for s in segments for p in s.pixel_values]
-        return cls(rows("tokens", pad_id), rows("modality", PAD), rows("image_id", -1),
+        return cls(rows("tokens", pad_id), rows("modality", MODALITY_PAD), rows("image_id", NO_IMAGE),
                    torch.stack(pixels).to(device) if pixels else None,
                    torch.tensor([s.num_images for s in segments], device=device))

@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from megatron_visualchat.config import VisualChatConfig, to_transformer_config
 
 
 def stage_flags(vp_stage: Optional[int] = None) -> tuple[bool, bool]:
     """(pre_process, post_process) for this rank (and virtual stage): embeddings first, output layer last."""
-    from megatron.core import parallel_state as ps
-
     return (ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
             ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage))
 
@@ -27,9 +28,6 @@ def build_gpt_model(
 ):
     """Build this rank's GPTModel. ``layer_spec`` defaults to megatron-core's stock local LLaMA spec (RMSNorm);
     the multimodal model passes the MMCA spec."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     config = transformer_config or to_transformer_config(cfg, params_dtype)
     pre, post = stage_flags(vp_stage)
     return GPTModel(

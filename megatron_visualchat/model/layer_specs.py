@@ -1,5 +1,7 @@
 """``get_mmca_layer_spec``: megatron-core's LLaMA TransformerLayer recipe with MMCA plugged into its slots.
 
+Built from a validated ``AttentionConfig`` (``config.py`` checks the options and their combinations; nothing is
+checked again here except what only this machine can tell: whether Transformer-Engine is installed).
 The slots that change: ``self_attention`` (a narrow subclass that routes image tokens when projections are split),
 its ``core_attention`` (MMCA or causal over token codes), per ``modality_split`` ``linear_qkv`` / ``linear_proj``,
 and for the local backend the norms (``model/norms.py``: weights and outputs in the activation dtype). The MLP is
@@ -13,10 +15,15 @@ from __future__ import annotations
 
 import copy
 
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_visualchat.config import ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, MODALITY_SPLITS, ConfigError
+from megatron_visualchat.config import AttentionConfig, ConfigError
 from megatron_visualchat.model.mmca.core_attention import MMCACoreAttention
 from megatron_visualchat.model.mmca.self_attention import ModalitySplitSelfAttention
 from megatron_visualchat.model.mmca.split_linear import (
@@ -29,52 +36,38 @@ from megatron_visualchat.model.norms import ModalityRMSNorm, RMSNorm
 
 def _base_spec(backend: str) -> ModuleSpec:
     if backend == "local":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
         return get_gpt_layer_local_spec(normalization="RMSNorm")
-    from megatron.core.extensions import transformer_engine as te
+    from megatron.core.extensions import transformer_engine as te  # imports Transformer-Engine when installed
 
     if not getattr(te, "HAVE_TE", False):
         raise ConfigError("attention.backend='te' needs Transformer-Engine, which is not installed here; "
                           "install transformer-engine[pytorch] (NGC images carry it) or use backend='local'")
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-def get_mmca_layer_spec(attention_mode: str = "mmca", modality_split: str = "none", backend: str = "local", *,
-                        image_rows: str = "self", combine: str = "sum", modality_norms: bool = False) -> ModuleSpec:
-    """A TransformerLayer spec for GPTModel. ``attention_mode``: mmca | causal; ``modality_split``: none | kv |
-    qkv | qkvo (image-side projections); ``backend``: local | te; ``modality_norms``: per-modality input and
+def get_mmca_layer_spec(attention: AttentionConfig) -> ModuleSpec:
+    """A TransformerLayer spec for GPTModel from a validated ``AttentionConfig`` (``VisualChatConfig.validate``):
+    ``mode`` mmca | causal picks the core attention; ``modality_split`` kv | qkv | qkvo adds image-side
+    projections; ``backend`` local | te picks the base recipe; ``modality_norms`` adds per-modality input and
     pre-MLP norms (mPLUG-Owl2; with ``causal`` + ``kv`` this is Owl2's modality-adaptive module)."""
-    for name, value, allowed in (("attention_mode", attention_mode, ATTENTION_MODES),
-                                 ("modality_split", modality_split, MODALITY_SPLITS),
-                                 ("backend", backend, BACKENDS), ("image_rows", image_rows, IMAGE_ROWS),
-                                 ("combine", combine, COMBINES)):
-        if value not in allowed:
-            raise ConfigError(f"{name}={value!r} is not one of {list(allowed)}")
-    if backend == "te" and modality_split != "none":
-        raise ConfigError(f"modality_split={modality_split!r} needs backend='local': Transformer-Engine fuses the "
-                          "input norm into linear_qkv, which the split projection replaces")
-    if backend == "te" and modality_norms:
-        raise ConfigError("modality_norms needs backend='local': Transformer-Engine fuses the norms into the linears")
+    split, backend = attention.modality_split, attention.backend
     spec = copy.deepcopy(_base_spec(backend))
     attn = spec.submodules.self_attention
     attn.module = ModalitySplitSelfAttention
     attn.params = {**attn.params, "attn_mask_type": AttnMaskType.arbitrary}
     subs = attn.submodules
-    subs.core_attention = ModuleSpec(MMCACoreAttention,
-                                     params=dict(mode=attention_mode, image_rows=image_rows, combine=combine))
-    if modality_split in ("kv", "qkv", "qkvo"):
+    subs.core_attention = ModuleSpec(MMCACoreAttention, params=dict(
+        mode=attention.mode, image_rows=attention.image_rows, combine=attention.combine))
+    if split in ("kv", "qkv", "qkvo"):
         subs.linear_qkv = ModuleSpec(ModalitySplitColumnParallelLinear,
-                                     params={"split": "kv" if modality_split == "kv" else "qkv"})
-    if modality_split == "qkvo":
+                                     params={"split": "kv" if split == "kv" else "qkv"})
+    if split == "qkvo":
         subs.linear_proj = ModalitySplitRowParallelLinear
     if backend == "local":
-        norm = ModalityRMSNorm if modality_norms else RMSNorm
+        norm = ModalityRMSNorm if attention.modality_norms else RMSNorm
         spec.submodules.input_layernorm = norm
         spec.submodules.pre_mlp_layernorm = norm
-    if modality_norms:
+    if attention.modality_norms:
         spec.module = ModalityAwareTransformerLayer
     return spec
 
@@ -82,8 +75,6 @@ def get_mmca_layer_spec(attention_mode: str = "mmca", modality_split: str = "non
 def get_mmca_block_spec(config, layer_spec: ModuleSpec, vp_stage=None):
     """This stage's decoder block: ``layer_spec`` for each of its layers and, for the local backend, our RMSNorm
     as the final norm (megatron-core would pick its own torch norm for a bare layer spec)."""
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     final_norm = RMSNorm if layer_spec.submodules.input_layernorm in (RMSNorm, ModalityRMSNorm) else None
     if final_norm is None:

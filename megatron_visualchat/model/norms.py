@@ -27,9 +27,9 @@ class RMSNorm(torch.nn.Module):
 
 class ModalityRMSNorm(RMSNorm):
     """mPLUG-Owl2's modality-adaptive norm: image tokens are scaled by their own (trainable) ``image_weight``,
-    text tokens by the LLM's ``weight``. The owning layer sets ``routing`` (``token_codes.ImageRouting``) around its
-forward;
-    without image tokens the image weight still gets a defined zero gradient."""
+    text tokens by the LLM's ``weight``. The owning layer sets ``routing`` (``token_codes.ImageRouting``) around
+    its forward; without image tokens the image weight still gets a defined zero gradient (DDP buckets never
+    stall)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__(config, hidden_size, eps)

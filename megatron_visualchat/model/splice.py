@@ -7,14 +7,14 @@ from typing import Optional
 
 import torch
 
-from megatron_visualchat.model.mmca.codes import MODALITY_IMAGE
+from megatron_visualchat.model.token_codes import MODALITY_IMAGE
 
 
 def splice_image_embeddings(text_embeds: torch.Tensor, image_embeds: torch.Tensor, modality: torch.Tensor,
                             num_images: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``text_embeds`` [s, b, h] (megatron layout), ``image_embeds`` [N, T, h] for the batch's images in
-    row-major order of appearance, ``modality`` [b, s] (2 = image position). Image positions, read row by row,
-    receive the N*T image vectors in order; one vectorised index_put, no per-token loop.
+    row-major order of appearance, ``modality`` [b, s] token codes. The ``MODALITY_IMAGE`` positions, read row
+    by row, receive the N*T image vectors in order; one vectorised index_put, no per-token loop.
     ``num_images`` [b] (optional) lets a mismatch name the offending sample."""
     s, b, h = text_embeds.shape
     image_pos = modality == MODALITY_IMAGE

@@ -1,6 +1,6 @@
 """VisualChatModel: vision encoder -> projector -> splice into word embeddings -> GPT decoder with MMCA.
 
-Pipeline placement (architecture.md): the first stage holds the vision tower, the word embeddings and its decoder
+Pipeline placement (docs/design/architecture.md): the first stage holds the vision tower, the word embeddings and its decoder
 layers; later stages only their decoder layers; the last stage the output layer and loss. Token codes come with
 every stage's batch (``attention_mask`` slot), so MMCA works on every stage.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_visualchat.config import TrainableConfig, VisualChatConfig, to_transformer_config
@@ -17,6 +18,7 @@ from megatron_visualchat.model.gpt import build_gpt_model, stage_flags
 from megatron_visualchat.model.layer_specs import get_mmca_block_spec, get_mmca_layer_spec
 from megatron_visualchat.model.splice import splice_image_embeddings
 from megatron_visualchat.model.token_codes import unpack_token_codes
+from megatron_visualchat.model.vision import build_vision_tower
 
 
 class VisualChatModel(MegatronModule):
@@ -25,22 +27,14 @@ class VisualChatModel(MegatronModule):
         """``transformer_overrides``: extra megatron ``TransformerConfig`` fields (e.g. recompute settings)."""
         config = to_transformer_config(cfg, params_dtype, **(transformer_overrides or {}))
         super().__init__(config=config)
-        from megatron.core.transformer.enums import ModelType
-
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.cfg = cfg
         self.pre_process, self.post_process = stage_flags(vp_stage)
-        att = cfg.attention
-        spec = get_mmca_block_spec(config, get_mmca_layer_spec(att.mode, att.modality_split, att.backend,
-                                                               image_rows=att.image_rows, combine=att.combine,
-                                                               modality_norms=att.modality_norms),
-                                   vp_stage)
+        spec = get_mmca_block_spec(config, get_mmca_layer_spec(cfg.attention), vp_stage)
         self.language_model = build_gpt_model(cfg, spec, params_dtype=params_dtype, vp_stage=vp_stage,
                                               transformer_config=config)
         self.vision = None
         if self.pre_process:
-            from megatron_visualchat.model.vision import build_vision_tower
-
             v = cfg.vision
             # Seeded from the run's seed, not from wherever the generator stands after this stage's decoder
             # layers: the same projector initialisation at every pipeline layout.

@@ -4,9 +4,11 @@ megatron-core 0.16.1 assumes CUDA in a handful of places (``device="cuda"`` lite
 and optimizer, ``torch.cuda.current_device()`` for p2p/DDP buffers and RoPE, ``torch.cuda.synchronize()`` in p2p
 and checkpoint saving, a CUDA RNG tracker, ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks in the
 optimizers, the CUDA generator state saved around activation recompute). This module maps exactly those to CPU
-so that TP/PP/DDP/distributed-optimizer/recompute code paths are exercised unchanged on laptops and CI. The facts behind each item are in ``shared/reference/megatron_cpu_gloo.md``.
+so that TP/PP/DDP/distributed-optimizer/recompute code paths are exercised unchanged on laptops and CI; why each
+shim exists and what it must not do is in docs/design/cpu_gloo.md.
 
-It is installed only when no GPU is present (``install()`` refuses otherwise) and is idempotent.
+It is installed only when no GPU is present (``install()`` refuses otherwise), once per process, and stays for
+the life of the process.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core.tensor_parallel import random as mcore_random
 from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
@@ -50,37 +53,33 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _cpu_rng_tracker_class():
+class _CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
     """megatron-core's RNG tracker forks the CUDA generator; this one forks the CPU generator instead, so
     ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` (dropout in TP regions) work."""
-    from megatron.core.tensor_parallel import random as mcore_random
 
-    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
-        def add(self, name, seed):
-            self._is_initialized = True
-            if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
-            if name in self.states_:
-                raise Exception(f"rng state {name} already exists")
-            self.seeds_.add(seed)
-            saved = torch.get_rng_state()
-            torch.manual_seed(seed)
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
             self.states_[name] = torch.get_rng_state()
             torch.set_rng_state(saved)
-
-        @contextlib.contextmanager
-        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
-            if name not in self.states_:
-                raise Exception(f"rng state {name} is not added")
-            saved = torch.get_rng_state()
-            torch.set_rng_state(self.states_[name])
-            try:
-                yield
-            finally:
-                self.states_[name] = torch.get_rng_state()
-                torch.set_rng_state(saved)
-
-    return mcore_random, CpuRNGStatesTracker
 
 
 class _NoOpStream:
@@ -109,15 +108,10 @@ def install() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NoOpStream()
-    mcore_random, tracker = _cpu_rng_tracker_class()
-    mcore_random.CudaRNGStatesTracker = tracker
+    mcore_random.CudaRNGStatesTracker = _CpuRNGStatesTracker
     # Activation recompute saves/restores "the CUDA generator" around the recomputed forward: the CPU one here.
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     mcore_random.initialize_rng_tracker(force_reset=True)
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _INSTALLED = True
-
-
-def is_installed() -> bool:
-    return _INSTALLED

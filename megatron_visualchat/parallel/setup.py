@@ -10,19 +10,18 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from megatron_visualchat.config import ParallelConfig
+from megatron_visualchat.parallel import cpu_compat
 
 
 @dataclass(frozen=True)
 class ParallelInfo:
+    """What a caller needs from the set-up groups: its global rank (rank 0 talks to the user, writes the files)
+    and the device its model goes on. Positions within the groups come from megatron-core's ``parallel_state``."""
+
     rank: int
-    world_size: int
-    tp_rank: int
-    pp_rank: int
-    dp_rank: int
-    is_first_stage: bool
-    is_last_stage: bool
     device: torch.device
 
 
@@ -37,21 +36,14 @@ def initialize_parallel(
 ) -> ParallelInfo:
     """Initialise the default process group (NCCL with a GPU, gloo without) and megatron-core's TP/PP/DP groups,
     then seed the CPU/CUDA generators and megatron's RNG tracker (different TP ranks get different dropout
-    streams, DP ranks identical model init)."""
-    from megatron.core import parallel_state, tensor_parallel
-
+    streams, DP ranks identical model init). A world size other than tp x pp x dp is a ``ConfigError``; build
+    ``parallel`` with ``ParallelConfig.for_world`` to derive dp from the world size."""
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
-        from megatron_visualchat.parallel import cpu_compat
-
         cpu_compat.install()
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size != parallel.world_size:
-        raise ValueError(
-            f"world size {world_size} != tp({parallel.tp}) x pp({parallel.pp}) x dp({parallel.dp})"
-            f" = {parallel.world_size}"
-        )
+    parallel.check_world_size(world_size)
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         torch.cuda.set_device(local_rank)
@@ -81,16 +73,9 @@ def initialize_parallel(
 
 
 def parallel_info(device: Optional[torch.device] = None) -> ParallelInfo:
-    from megatron.core import parallel_state as ps
-
+    """This process's ``ParallelInfo`` once ``initialize_parallel`` has run."""
     return ParallelInfo(
         rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(),
-        dp_rank=ps.get_data_parallel_rank(),
-        is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
-        is_last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
         device=device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                           else torch.device("cpu")),
     )
@@ -98,8 +83,6 @@ def parallel_info(device: Optional[torch.device] = None) -> ParallelInfo:
 
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default group so a process (or test) can initialise again."""
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_visualchat.model.mmca.codes import codes_from_layout
-from megatron_visualchat.model.token_codes import pack_token_codes
+from megatron_visualchat.model.token_codes import MODALITY_TEXT, codes_from_layout, pack_token_codes
 
 
 def batch_from_layouts(layouts: list[str], vocab_size: int, seed: int = 0) -> dict:
@@ -20,7 +19,7 @@ def batch_from_layouts(layouts: list[str], vocab_size: int, seed: int = 0) -> di
     b, s = modality.shape
     tokens = torch.randint(0, vocab_size, (b, s), generator=g)
     labels = torch.randint(0, vocab_size, (b, s), generator=g)
-    loss_mask = (modality == 1).float()
+    loss_mask = (modality == MODALITY_TEXT).float()
     return dict(tokens=tokens, labels=labels, loss_mask=loss_mask,
                 position_ids=torch.arange(s).expand(b, s).contiguous(),
                 attention_mask=pack_token_codes(modality, image_id, sample_id))

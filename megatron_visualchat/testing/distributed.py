@@ -20,6 +20,8 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
+import torch
+
 from megatron_visualchat.config import ParallelConfig
 
 
@@ -47,9 +49,8 @@ def _fork_server():
 def _child(rank, world_size, parallel, port, seed, fn, args, kwargs, conn) -> None:
     status, payload = "ok", None
     try:
-        import torch
-
         torch.set_num_threads(1)
+        # Imported in the child only: it brings megatron-core, which the test process itself never needs.
         from megatron_visualchat.parallel import destroy_parallel, initialize_parallel
 
         initialize_parallel(parallel, seed, rank=rank, world_size=world_size,

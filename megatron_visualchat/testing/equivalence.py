@@ -6,15 +6,15 @@ from __future__ import annotations
 from typing import Callable, Mapping, Optional
 
 import torch
+from megatron.core import parallel_state as ps
 
 from megatron_visualchat.checkpoint.sharding import merge_state_dicts, shard_state_dict, stage_layer_range
 from megatron_visualchat.config import LLMConfig, ParallelConfig
+from megatron_visualchat.model.gpt import stage_flags
 from megatron_visualchat.training.step import gpt_forward_step, run_schedule
 
 
 def current_parallel() -> ParallelConfig:
-    from megatron.core import parallel_state as ps
-
     return ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(),
                           pp=ps.get_pipeline_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
                           vpp=ps.get_virtual_pipeline_model_parallel_world_size())
@@ -24,10 +24,6 @@ def load_full_state_dict(model: torch.nn.Module, full: Mapping[str, torch.Tensor
                          *, tp_rank_override: Optional[int] = None, vp_stage: Optional[int] = None) -> None:
     """Load this rank's shard of ``full``. Keys the stage does not own are dropped; a key the model owns but the
     shard lacks is an error. ``tp_rank_override`` loads another rank's shard (to prove tests notice)."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_visualchat.model.gpt import stage_flags
-
     par = current_parallel()
     pre, post = stage_flags(vp_stage)
     tp_rank = ps.get_tensor_model_parallel_rank() if tp_rank_override is None else tp_rank_override
@@ -47,8 +43,6 @@ def run_step_on_shard(build_model: Callable[..., torch.nn.Module], full: Mapping
     """Forward+backward of ``len(batches)`` microbatches on this rank; returns loss (last stage, else None),
     this rank's parameter gradients (None for frozen ones) and where its shards sit. With virtual pipeline
     stages ``build_model(vp_stage=i)`` is called once per chunk."""
-    from megatron.core import parallel_state as ps
-
     par = current_parallel()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     stages = [None] if par.vpp is None else list(range(par.vpp))

@@ -10,12 +10,13 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_visualchat.training.step import run_schedule, visualchat_forward_step
 
 
 def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Argmax over a vocabulary split across the TP group: logits [b, s, V/TP] -> global ids [b, s]."""
-    from megatron.core import parallel_state as ps
-
     group = ps.get_tensor_model_parallel_group()
     values, local_ids = logits.float().max(dim=-1)
     ids = local_ids + ps.get_tensor_model_parallel_rank() * logits.shape[-1]
@@ -41,23 +42,14 @@ def _correct_answers(batch: dict, logits: torch.Tensor):
     return logits.new_zeros(()), {"answers": stats}
 
 
-def accuracy_forward_step(data_iterator, model):
-    from megatron_visualchat.model.token_codes import pack_token_codes
-
-    batch = next(data_iterator)
-    codes = pack_token_codes(batch["modality"], batch["image_id"], batch.get("sample_id"))
-    logits = model(batch["tokens"], batch["position_ids"], codes, pixel_values=batch.get("pixel_values"),
-                   num_images=batch.get("num_images"))
-    return logits, partial(_correct_answers, batch)
+def answer_objective(batch: dict):
+    """No labels (the model returns vocab-parallel logits); the loss slot counts exactly-predicted answers."""
+    return None, partial(_correct_answers, batch)
 
 
 def answer_accuracy(chunks: list, loader, *, num_microbatches: int, seq_length: int, micro_batch_size: int,
                     max_batches: int | None = None) -> float:
     """Fraction of held-out answers predicted exactly; same value on every rank."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_visualchat.training.step import run_schedule
-
     for c in chunks:
         c.eval()
     totals = torch.zeros(2, dtype=torch.float64)
@@ -70,7 +62,7 @@ def answer_accuracy(chunks: list, loader, *, num_microbatches: int, seq_length: 
             if len(mbs) < num_microbatches:
                 break
             out = run_schedule(chunks, mbs, num_microbatches=num_microbatches, seq_length=seq_length,
-                               micro_batch_size=micro_batch_size, forward_step=accuracy_forward_step,
+                               micro_batch_size=micro_batch_size, forward_step=partial(visualchat_forward_step, objective=answer_objective),
                                forward_only=True)
             if out and ps.get_tensor_model_parallel_rank() == 0:
                 totals += sum(d["answers"].double() for d in out)

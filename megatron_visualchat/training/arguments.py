@@ -1,16 +1,19 @@
-"""Megatron-style command-line flags for ``pretrain_vchat`` and their mapping to the config tree."""
+"""Megatron-style command-line flags for ``pretrain_vchat``, parsed once into a ``TrainingConfig``, and the
+model config tree they describe."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+from typing import Optional
 
-from megatron_visualchat.cli import int_list
+from megatron_visualchat.argtypes import int_list
 from megatron_visualchat.config import (
     ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_PRESETS, MODALITY_SPLITS, AttentionConfig, ConfigError,
     ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
 )
+from megatron_visualchat.training.run_config import TrainingConfig
 
 TRAINABLE_PARTS = {f.name for f in dataclasses.fields(TrainableConfig)}
 
@@ -27,8 +30,12 @@ def _trainable(text: str) -> TrainableConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One argument group per ``TrainingConfig`` section (the group title is the section name)."""
     p = argparse.ArgumentParser(prog="pretrain_vchat", description="Train VisualChat (MMCA) on megatron-core.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the flags, plan the data blend and build this layout's model on the meta device "
+                        "(one process plays every rank); print per-rank parameter counts and exit")
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -37,48 +44,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit decoder layers per pipeline stage, e.g. 18,22,20,20 (lighter first stage: it also "
                         "runs the vision encoder)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g = p.add_argument_group("batch and schedule")
+    g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=128)
     g.add_argument("--seq-length", type=int, default=4096)
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-epochs", type=float, default=None, help="alternative to --train-iters")
+    g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-fraction", type=float, default=0.1)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, take lr/schedule/--train-iters from these flags instead of refusing a change")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g = p.add_argument_group("precision")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true")
     prec.add_argument("--fp16", action="store_true", help="with a dynamic loss scale")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    g = p.add_argument_group("recompute")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--seed", type=int, default=1234)
-    g = p.add_argument_group("checkpoints and logging")
+    g = p.add_argument_group("checkpoint")
     g.add_argument("--save", default=None, help="directory for trainable-only checkpoints")
     g.add_argument("--load", default=None, help="resume from this directory (defaults to --save when it holds one)")
+    g.add_argument("--load-iteration", type=int, default=None,
+                   help="resume from this iteration instead of the one latest_checkpointed_iteration.txt names")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save (when --save is set) and stop when the iteration is a multiple of this")
-    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept in --save (0: keep all)")
+    g.add_argument("--keep-last", type=int, default=3,
+                   help="checkpoints of this run kept in --save (0: keep all)")
+    g.add_argument("--export-dir", default=None,
+                   help="after training, write a chat checkpoint (full weights merged over TP/PP, config, "
+                        "tokenizer) for `megatron-visualchat chat --load DIR`")
+    g = p.add_argument_group("metrics")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=4, help="global batches for the eval loss")
     g.add_argument("--eval-accuracy-iters", type=int, default=None,
                    help="global batches for the held-out answer accuracy (default: the whole eval set)")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--export-dir", default=None, help="after training, write a chat checkpoint (full weights merged over TP/PP, config, "
-                        "tokenizer) for `megatron-visualchat chat --load DIR`")
     g.add_argument("--no-progress-bar", action="store_true")
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(LLM_PRESETS), default="tiny")
-    g.add_argument("--llm-load", default=None, help="converted base LLM checkpoint (tools/convert_checkpoint.py)")
+    g.add_argument("--llm-load", default=None, help="converted base LLM checkpoint (megatron-visualchat hf-to-megatron)")
     g.add_argument("--vision-encoder", default="tiny")
     g.add_argument("--vision-weights", default=None, help="local encoder weights (file or HF directory)")
     g.add_argument("--projector", default="linear")
@@ -98,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", action="append", default=[],
                    help="FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]], repeatable; or a JSON list of dataset specs")
     g.add_argument("--eval-data", action="append", default=[], help="same syntax as --data")
+    g.add_argument("--data-total-samples", type=int, default=None,
+                   help="samples a weighted blend draws in total (default: --train-iters x --global-batch-size)")
     g.add_argument("--synthetic", type=int, default=None,
                    help="generate the bundled synthetic multi-image set with this many samples and train on it")
     g.add_argument("--data-cache-dir", default="runs/data", help="where generated data and tokenizers live")
@@ -106,52 +125,59 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-images", type=int, default=8)
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--pack", action="store_true", help="pack several samples per sequence (sample_id codes)")
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop at the first bad sample, naming the file and record, instead of skipping and counting")
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if (args.train_iters is None) == (args.train_epochs is None):
+def parse_args(argv=None) -> TrainingConfig:
+    """Parse and check the flags that need no model or world size; the result is what training receives."""
+    run = TrainingConfig.from_namespace(build_parser().parse_args(argv))
+    batch, rec = run.batch, run.recompute
+    if (batch.train_iters is None) == (batch.train_epochs is None):
         raise ConfigError("give exactly one of --train-iters and --train-epochs")
-    if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
+    if rec.recompute_granularity == "full" and (rec.recompute_method is None or rec.recompute_num_layers is None):
         raise ConfigError("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
-    if not args.data and args.synthetic is None:
+    if not run.data.data and run.data.synthetic is None:
         raise ConfigError("no training data: give --data FORMAT:PATH (repeatable) or --synthetic N")
-    return args
+    return run
 
 
-def model_config(args: argparse.Namespace, world_size: int, vocab_size: int | None = None) -> VisualChatConfig:
-    """The validated config tree for these flags on ``world_size`` processes. ``vocab_size`` (the tokenizer's,
-    with added tokens) enlarges the preset's vocabulary when larger."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tp({tp}) x pp({pp})")
-    llm = LLM_PRESETS[args.model_preset]
+def parallel_config(run: TrainingConfig, world_size: int) -> ParallelConfig:
+    par = run.parallelism
+    return ParallelConfig.for_world(world_size, tp=par.tensor_model_parallel_size,
+                                    pp=par.pipeline_model_parallel_size,
+                                    vpp=par.virtual_pipeline_model_parallel_size, pp_layers=par.pipeline_layers)
+
+
+def model_config(run: TrainingConfig, world_size: int, vocab_size: Optional[int] = None) -> VisualChatConfig:
+    """The validated config tree for this run on ``world_size`` processes. ``vocab_size`` (the tokenizer's, with
+    added tokens) enlarges the preset's vocabulary when larger."""
+    m = run.model
+    llm = LLM_PRESETS[m.model_preset]
     if vocab_size is not None and vocab_size > llm.vocab_size:
         llm = dataclasses.replace(llm, vocab_size=vocab_size)
     cfg = VisualChatConfig(
         llm=llm,
-        attention=AttentionConfig(mode=args.attention_mode, modality_split=args.modality_split,
-                                  image_rows=args.image_rows, combine=args.combine, backend=args.attention_backend,
-                                  modality_norms=args.modality_norms),
-        vision=VisionConfig(encoder=args.vision_encoder, projector=args.projector,
-                            projector_options=args.projector_options, encoder_weights=args.vision_weights),
-        trainable=args.trainable,
-        parallel=ParallelConfig(tp=tp, pp=pp, dp=world_size // (tp * pp),
-                                vpp=args.virtual_pipeline_model_parallel_size, pp_layers=args.pipeline_layers),
+        attention=AttentionConfig(mode=m.attention_mode, modality_split=m.modality_split, image_rows=m.image_rows,
+                                  combine=m.combine, backend=m.attention_backend, modality_norms=m.modality_norms),
+        vision=VisionConfig(encoder=m.vision_encoder, projector=m.projector, projector_options=m.projector_options,
+                            encoder_weights=m.vision_weights),
+        trainable=m.trainable,
+        parallel=parallel_config(run, world_size),
     )
     cfg.validate(world_size)
-    dp = cfg.parallel.dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch-size "
-                          f"({args.micro_batch_size}) x data-parallel size ({dp})")
-    if args.pack and pp > 1:
+    dp, batch = cfg.parallel.dp, run.batch
+    if batch.global_batch_size % (batch.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {batch.global_batch_size} is not divisible by micro-batch-size "
+                          f"({batch.micro_batch_size}) x data-parallel size ({dp})")
+    if run.data.pack and cfg.parallel.pp > 1:
         raise ConfigError("--pack gives a varying number of rows per microbatch, but pipeline parallelism exchanges "
                           "fixed [seq, micro-batch, hidden] shapes: use --pack with --pipeline-model-parallel-size 1")
-    if args.trainable.new_token_rows_only and not args.trainable.llm and args.weight_decay:
+    if m.trainable.new_token_rows_only and not m.trainable.llm and run.optimizer.weight_decay:
         raise ConfigError(f"--trainable new_token_rows_only masks the gradients of the other embedding rows, but "
-                          f"--weight-decay {args.weight_decay} would still shrink them: use --weight-decay 0")
-    if args.seq_length > llm.max_position_embeddings:
-        raise ConfigError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+                          f"--weight-decay {run.optimizer.weight_decay} would still shrink them: use --weight-decay 0")
+    if batch.seq_length > llm.max_position_embeddings:
+        raise ConfigError(f"--seq-length {batch.seq_length} exceeds the model's max_position_embeddings "
                           f"{llm.max_position_embeddings}")
     return cfg

@@ -6,6 +6,9 @@ from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_visualchat.model.token_codes import pack_token_codes
 
 
 def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -25,18 +28,24 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
-def visualchat_forward_step(data_iterator: Iterator[dict], model):
-    """Forward step for VisualChatModel: the collator's batch (tokens, labels, loss_mask, position_ids, token
-    codes, pixel_values, num_images). Every stage reads the batch: the codes drive MMCA in all layers."""
-    from megatron_visualchat.model.token_codes import pack_token_codes
+def lm_objective(batch: dict):
+    """Training and eval loss: the model computes per-token losses from the labels; the mean is masked."""
+    return batch["labels"], partial(masked_lm_loss, batch["loss_mask"])
 
+
+def visualchat_forward_step(data_iterator: Iterator[dict], model, objective: Callable = lm_objective):
+    """Forward step for VisualChatModel: the collator's batch (tokens, labels, loss_mask, position_ids, token
+    codes, pixel_values, num_images). Every stage reads the batch: the codes drive MMCA in all layers.
+    ``objective(batch) -> (labels or None, loss_func)``: with labels the model returns per-token losses, without
+    it returns logits (e.g. the held-out answer accuracy)."""
     batch = next(data_iterator)
-    codes = batch.get("attention_mask")
+    codes = batch.get("attention_mask")  # test batches carry the packed codes already
     if codes is None:
         codes = pack_token_codes(batch["modality"], batch["image_id"], batch.get("sample_id"))
-    output = model(batch["tokens"], batch["position_ids"], codes, labels=batch["labels"],
+    labels, loss_func = objective(batch)
+    output = model(batch["tokens"], batch["position_ids"], codes, labels=labels,
                    pixel_values=batch.get("pixel_values"), num_images=batch.get("num_images"))
-    return output, partial(masked_lm_loss, batch["loss_mask"])
+    return output, loss_func
 
 
 def run_schedule(
@@ -51,8 +60,6 @@ def run_schedule(
 ) -> list[dict]:
     """Run megatron-core's forward/backward schedule for this rank's pipeline stage(s). Returns the loss dicts
     (non-empty only on the last pipeline stage)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     microbatches = list(microbatches)
     # Every virtual-pipeline chunk walks the same microbatches with its own iterator.
     iterators = [iter(microbatches) for _ in model_chunks]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_visualchat import cli
 from megatron_visualchat.checkpoint.convert import VISION_NOTE, hf_to_megatron, main, megatron_to_hf, parse_size
-from megatron_visualchat.checkpoint.hf_llama import CheckpointError
+from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.checkpoint.legacy_format import rank_file
 
 from .conftest import hf_logits

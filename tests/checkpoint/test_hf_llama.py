@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
+from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.checkpoint.hf_llama import (
     FUSIONS,
-    CheckpointError,
     TensorMap,
     hf_tensor_shapes,
     hf_tensors,

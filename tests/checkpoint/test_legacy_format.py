@@ -1,4 +1,4 @@
-"""The legacy layout on disk (paths, tracker, record, streamed rank files) and load_megatron_checkpoint: a converted
+"""The legacy layout on disk (paths, record, streamed rank files) and load_megatron_checkpoint: a converted
 tiny HF LLaMA gives transformers' logits in megatron-core's GPTModel at TP=2 x PP=2, and at other layouts through
 on-the-fly resharding."""
 
@@ -10,17 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_visualchat.checkpoint.convert import hf_to_megatron, megatron_to_hf
-from megatron_visualchat.checkpoint.hf_llama import CheckpointError, llm_config_from_hf
+from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.hf_llama import llm_config_from_hf
 from megatron_visualchat.checkpoint.legacy_format import (
     RECORD_FILE,
     ConversionRecord,
-    RankFileReader,
     RankFileWriter,
     adapt_keys,
     rank_file,
-    read_tracker,
-    write_tracker,
 )
+from megatron_visualchat.checkpoint.weight_files import TorchFile
 from megatron_visualchat.config import LLM_PRESETS, ParallelConfig, VisualChatConfig
 from megatron_visualchat.testing.distributed import run_parallel
 
@@ -33,18 +32,6 @@ def test_rank_file_names(tmp_path):
     assert rank_file(tmp_path, 0, 1, 0, 1) == tmp_path / "iter_0000000/mp_rank_01/model_optim_rng.pt"
     assert rank_file(tmp_path, 0, 3, 2, 4) == tmp_path / "iter_0000000/mp_rank_03_002/model_optim_rng.pt"
     assert rank_file(tmp_path, "release", 0, 0, 1) == tmp_path / "release/mp_rank_00/model_optim_rng.pt"
-
-
-def test_tracker(tmp_path):
-    with pytest.raises(CheckpointError, match="latest_checkpointed_iteration.txt not found"):
-        read_tracker(tmp_path)
-    write_tracker(tmp_path, 0)
-    assert read_tracker(tmp_path) == 0
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release\n")
-    assert read_tracker(tmp_path) == "release"
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("last")
-    with pytest.raises(CheckpointError, match="found 'last'"):
-        read_tracker(tmp_path)
 
 
 def test_record_round_trip_and_errors(tmp_path):
@@ -76,7 +63,7 @@ def test_streamed_rank_file_is_a_plain_torch_checkpoint(tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert loaded["args"] == {"x": 1} and loaded["model"]["none"] is None
     assert list(loaded["model"]) == list(layout)
-    reader = RankFileReader(path)
+    reader = TorchFile(path)
     for name, t in tensors.items():
         assert torch.equal(loaded["model"][name], t) and loaded["model"][name].dtype == t.dtype
         assert torch.equal(reader.read(name), t)
@@ -96,7 +83,7 @@ def test_reader_handles_views_sharing_a_storage(tmp_path):
     buf = torch.arange(40, dtype=torch.float32)
     state = {"model": {"w": buf[4:16].view(3, 4), "t": buf[16:28].view(4, 3).t(), "x": None}}
     torch.save(state, tmp_path / "f.pt")
-    reader = RankFileReader(tmp_path / "f.pt")
+    reader = TorchFile(tmp_path / "f.pt")
     assert torch.equal(reader.read("w"), state["model"]["w"])
     assert torch.equal(reader.read("t"), state["model"]["t"])
     assert reader.read("x") is None

@@ -7,7 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from megatron_visualchat.data import VisualChatTokenizer, synthetic_corpus_lines, train_tiny_sentencepiece
+from megatron_visualchat.data import VisualChatTokenizer, train_tiny_sentencepiece
+from megatron_visualchat.data.synthetic import synthetic_corpus_lines
 
 
 @pytest.fixture(scope="session")

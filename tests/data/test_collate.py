@@ -3,7 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_visualchat.data import VisualChatCollator, default_image_transform
+from megatron_visualchat.data import VisualChatCollator
+from megatron_visualchat.model.token_codes import (
+    MODALITY_IMAGE,
+    MODALITY_PAD,
+    NO_IMAGE,
+    codes_from_layout,
+)
+from megatron_visualchat.model.vision.preprocess import default_image_transform
 
 IMG, PAD, N = 9, 0, 3  # <image> id, pad id, tokens per image
 IDS = {"image_id": IMG, "pad_id": PAD}
@@ -40,8 +47,8 @@ def test_unpacked_batch_exact_values():
     assert b["tokens"].tolist() == [[1, 5, IMG, IMG, IMG, 6, 7, 2, PAD, PAD], [1] + [IMG] * 6 + [4, 5, 2]]
     assert b["labels"].tolist() == [[X, X, X, X, X, 7, 2, X, X, X], [X] * 7 + [5, 2, X]]
     assert b["loss_mask"].tolist() == (b["labels"] != X).float().tolist() and b["loss_mask"].dtype == torch.float32
-    assert b["modality"].tolist() == [[1, 1, 2, 2, 2, 1, 1, 1, 0, 0], [1, 2, 2, 2, 2, 2, 2, 1, 1, 1]]
-    assert b["image_id"].tolist() == [[-1, -1, 0, 0, 0, -1, -1, -1, -1, -1], [-1, 0, 0, 0, 1, 1, 1, -1, -1, -1]]
+    modality, image_id, _ = (torch.stack(c) for c in zip(*map(codes_from_layout, ["tt000tttpp", "t000111ttt"])))
+    assert torch.equal(b["modality"], modality) and torch.equal(b["image_id"], image_id)
     assert b["position_ids"].tolist() == [list(range(10)), list(range(10))]  # pads continue counting
     assert b["sample_id"].tolist() == [[0] * 8 + [-1] * 2, [0] * 10]
     assert b["num_images"].tolist() == [1, 2]
@@ -83,24 +90,24 @@ def test_image_positions_in_row_major_order_match_pixel_values(pack):
         labels += [7, 2]
         samples.append(sample(ids, labels, images, index=i))
     b = collate(samples, max_seq_len=40, pad_to=64, pack=pack)
-    image_tokens = b["tokens"][b["modality"] == 2].reshape(-1, N)
+    image_tokens = b["tokens"][b["modality"] == MODALITY_IMAGE].reshape(-1, N)
     assert image_tokens.shape[0] == b["pixel_values"].shape[0] == b["num_images"].sum() == value - 1
     assert (image_tokens == IMG).all()
-    chunk_ids = b["image_id"][b["modality"] == 2].reshape(-1, N)
+    chunk_ids = b["image_id"][b["modality"] == MODALITY_IMAGE].reshape(-1, N)
     assert (chunk_ids == chunk_ids[:, :1]).all()  # one image per chunk
     running = torch.cat([torch.arange(n) for n in b["num_images"].tolist()])
     assert chunk_ids[:, 0].tolist() == running.tolist()
     assert b["pixel_values"][:, 0, 0, 0].tolist() == list(range(1, value))  # same order as the chunks
     labelled = b["labels"] != X  # the samples put a supervised token right after images: still never labelled
     before_image = torch.zeros_like(labelled)
-    before_image[:, :-1] = b["modality"][:, 1:] == 2
-    assert not (labelled & ((b["modality"] == 2) | before_image | (b["modality"] == 0))).any()
+    before_image[:, :-1] = b["modality"][:, 1:] == MODALITY_IMAGE
+    assert not (labelled & ((b["modality"] == MODALITY_IMAGE) | before_image | (b["modality"] == MODALITY_PAD))).any()
 
 
 def test_batch_without_images_has_empty_pixel_values():
     b = VisualChatCollator(IDS, N, default_image_transform(8), max_seq_len=10)([sample([1, 5, 2], [X, 5, 2], [])])
     assert b["pixel_values"].shape == (0, 3, 8, 8)
-    assert b["image_id"].eq(-1).all() and b["num_images"].tolist() == [0]
+    assert b["image_id"].eq(NO_IMAGE).all() and b["num_images"].tolist() == [0]
 
 
 def test_contract_violations_are_refused():

@@ -9,9 +9,10 @@ from megatron_visualchat.data import (
     VisualChatDataLoader,
     build_dataloader,
     build_train_dataset,
-    default_image_transform,
-    generate_synthetic_dataset,
 )
+from megatron_visualchat.data.synthetic import generate_synthetic_dataset
+from megatron_visualchat.model.token_codes import MODALITY_IMAGE
+from megatron_visualchat.model.vision.preprocess import default_image_transform
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_workers_give_the_same_batches_and_report_skips(dataset):
 def test_fixed_length_batches_for_pipeline_parallel(dataset):
     batch = next(iter(loader(dataset, pad_to=512)))
     assert batch["tokens"].shape == (2, 512) and batch["pixel_values"].shape[1:] == (3, 16, 16)
-    assert batch["pixel_values"].shape[0] == batch["num_images"].sum() == (batch["modality"] == 2).sum() // 4
+    assert batch["pixel_values"].shape[0] == batch["num_images"].sum() == (batch["modality"] == MODALITY_IMAGE).sum() // 4
     packed = next(iter(loader(dataset, batch_size=4, pad_to=512, pack=True)))
     assert packed["tokens"].shape[1] == 512 and packed["sample_id"].max() >= 1
     assert np.array_equal(packed["position_ids"][0, :3].numpy(), [0, 1, 2])

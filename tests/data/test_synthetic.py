@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_visualchat.data import TEMPLATES, generate_synthetic_dataset, open_source
-from megatron_visualchat.data.synthetic import BACKGROUND, COLOURS, COUNTS, SHAPES, SIDES, main
+from megatron_visualchat.data import TEMPLATES, open_source
+from megatron_visualchat.data.synthetic import (
+    BACKGROUND,
+    COLOURS,
+    COUNTS,
+    SHAPES,
+    SIDES,
+    generate_synthetic_dataset,
+    main,
+)
 
 
 def contents(root) -> dict[str, bytes]:

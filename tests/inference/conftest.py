@@ -36,7 +36,7 @@ def images(tmp_path_factory) -> list[str]:
 
 def _save_checkpoint(tok_dir: str, out_dir: str) -> None:
     from megatron_visualchat.data import VisualChatTokenizer
-    from megatron_visualchat.inference.checkpoint import save_chat_checkpoint
+    from megatron_visualchat.checkpoint.chat import save_chat_checkpoint
 
     tok = VisualChatTokenizer.load(tok_dir)
     save_chat_checkpoint(build_model(tiny_cfg(tok.vocab_size, split="qkvo")), tok, out_dir)

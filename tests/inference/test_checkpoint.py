@@ -1,5 +1,6 @@
 """Chat checkpoints: config round trip, save at TP=1 -> load at TP=2 -> save again gives the same tensors (vocab
-padding recomputed), and files that do not match the model are refused with the tensor named."""
+padding recomputed), a model split over pipeline stages saves the same file, and files that do not match the model
+are refused with the tensor named."""
 
 import json
 import shutil
@@ -8,12 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_visualchat.checkpoint.hf_llama import CheckpointError
-from megatron_visualchat.config import AttentionConfig, VisionConfig, VisualChatConfig
-from megatron_visualchat.inference.checkpoint import (
-    CONFIG_FILE, WEIGHTS_FILE, config_from_dict, config_to_dict, read_chat_config,
+from megatron_visualchat.checkpoint.chat import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    config_from_dict,
+    config_to_dict,
+    read_chat_config,
+    save_chat_checkpoint,
 )
+from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.config import AttentionConfig, VisionConfig, VisualChatConfig
+from megatron_visualchat.inference.checkpoint import build_chat_model
 from megatron_visualchat.testing.distributed import RankFailed, run_parallel
+
+from .tiny import build_model
 
 
 def test_config_round_trip_and_unknown_keys():
@@ -33,8 +42,6 @@ def test_config_round_trip_and_unknown_keys():
 
 
 def _resave(load_dir, out_dir):
-    from megatron_visualchat.inference.checkpoint import build_chat_model, save_chat_checkpoint
-
     model, tok, cfg = build_chat_model(load_dir)
     save_chat_checkpoint(model, tok, out_dir)
     return cfg.parallel.tp, model.language_model.embedding.word_embeddings.weight.shape[0]
@@ -56,9 +63,26 @@ def test_save_load_across_tensor_parallel_sizes(chat_ckpt, tmp_path):
     assert (tmp_path / "tokenizer.model").read_bytes() == open(f"{chat_ckpt}/tokenizer.model", "rb").read()
 
 
-def _load(load_dir):
-    from megatron_visualchat.inference.checkpoint import build_chat_model
+def _resave_pipelined(load_dir, out_dir):
+    """The checkpoint's weights in a model split over this run's pipeline stages, saved again."""
+    from megatron_visualchat.data import VisualChatTokenizer
+    from megatron_visualchat.testing.equivalence import current_parallel
 
+    cfg = read_chat_config(load_dir).replace(parallel=current_parallel())
+    model = build_model(cfg, full_state=load_file(f"{load_dir}/{WEIGHTS_FILE}"))
+    save_chat_checkpoint(model, VisualChatTokenizer.load(load_dir), out_dir)
+
+
+def test_save_merges_pipeline_stages(chat_ckpt, tmp_path):
+    run_parallel(_resave_pipelined, pp=2, args=(chat_ckpt, str(tmp_path)))
+    original, resaved = load_file(f"{chat_ckpt}/{WEIGHTS_FILE}"), load_file(str(tmp_path / WEIGHTS_FILE))
+    assert original.keys() == resaved.keys()
+    for name, t in original.items():
+        torch.testing.assert_close(resaved[name], t, rtol=0, atol=0, msg=name)
+    assert read_chat_config(tmp_path) == read_chat_config(chat_ckpt)
+
+
+def _load(load_dir):
     build_chat_model(load_dir)
 
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from megatron_visualchat.config import LLM_PRESETS, AttentionConfig, VisionConfig, VisualChatConfig
-from megatron_visualchat.data import synthetic_corpus_lines, train_tiny_sentencepiece
+from megatron_visualchat.data import train_tiny_sentencepiece
+from megatron_visualchat.data.synthetic import synthetic_corpus_lines
 from megatron_visualchat.data.templates import DSVC_SYSTEM
 
 

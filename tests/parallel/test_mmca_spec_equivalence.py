@@ -4,7 +4,7 @@ TP=2, PP=2 and TP=2 x PP=2 as at TP=1, from the same weights."""
 import pytest
 import torch
 
-from megatron_visualchat.config import LLM_PRESETS, VisualChatConfig
+from megatron_visualchat.config import LLM_PRESETS, AttentionConfig, VisualChatConfig
 from megatron_visualchat.testing.batches import batch_from_layouts
 from megatron_visualchat.testing.distributed import run_parallel
 from megatron_visualchat.testing.equivalence import current_parallel, merge_rank_results, run_step_on_shard
@@ -27,7 +27,8 @@ def _build(mode, split, norms=False):
 
     def build():
         return build_gpt_model(VisualChatConfig(llm=LLM, parallel=current_parallel()),
-                               get_mmca_layer_spec(mode, split, modality_norms=norms))
+                               get_mmca_layer_spec(AttentionConfig(mode=mode, modality_split=split,
+                                                                   modality_norms=norms)))
     return build
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from megatron_visualchat.config import LLM_PRESETS, AttentionConfig, VisionConfig, VisualChatConfig
-from megatron_visualchat.model.mmca.codes import codes_from_layout
-from megatron_visualchat.model.token_codes import pack_token_codes
+from megatron_visualchat.model.token_codes import MODALITY_TEXT, codes_from_layout, pack_token_codes
 from megatron_visualchat.testing.distributed import run_parallel
 from megatron_visualchat.testing.equivalence import current_parallel, merge_rank_results, run_step_on_shard
 from megatron_visualchat.training.step import visualchat_forward_step
@@ -40,7 +39,7 @@ def _batches():
         out.append(dict(
             tokens=torch.randint(0, LLM.vocab_size, (MBS, SEQ), generator=g),
             labels=torch.randint(0, LLM.vocab_size, (MBS, SEQ), generator=g),
-            loss_mask=(modality == 1).float(), position_ids=torch.arange(SEQ).expand(MBS, SEQ),
+            loss_mask=(modality == MODALITY_TEXT).float(), position_ids=torch.arange(SEQ).expand(MBS, SEQ),
             attention_mask=pack_token_codes(modality, image_id, sample_id),
             pixel_values=torch.randn(int(num_images.sum()), 3, 32, 32, generator=g), num_images=num_images))
     return out

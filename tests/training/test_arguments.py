@@ -1,19 +1,22 @@
+import json
 import re
 
 import pytest
 
 from megatron_visualchat.config import ConfigError
-from megatron_visualchat.training.arguments import model_config, parse_args
+from megatron_visualchat.training.arguments import build_parser, model_config, parse_args
+from megatron_visualchat.training.run_config import TrainingConfig
 
 BASE = ["--synthetic", "16", "--train-iters", "2"]
 
 
 def test_defaults_follow_the_ds_visualchat_recipe():
-    args = parse_args(BASE)
-    assert (args.lr, args.lr_warmup_fraction, args.global_batch_size, args.adam_beta1, args.adam_beta2) == (
+    run = parse_args(BASE)
+    opt = run.optimizer
+    assert (opt.lr, opt.lr_warmup_fraction, run.batch.global_batch_size, opt.adam_beta1, opt.adam_beta2) == (
         1e-3, 0.1, 128, 0.9, 0.95)
-    assert args.lr_decay_style == "cosine"
-    t = args.trainable
+    assert opt.lr_decay_style == "cosine"
+    t = run.model.trainable
     assert t.projector and t.image_projections and not t.llm and not t.vision_encoder
 
 
@@ -30,7 +33,7 @@ def test_flag_errors(argv, message):
 def test_trainable_parts_are_validated():
     with pytest.raises(SystemExit):
         parse_args(BASE + ["--trainable", "projector,wings"])
-    assert parse_args(BASE + ["--trainable", "all"]).trainable.llm
+    assert parse_args(BASE + ["--trainable", "all"]).model.trainable.llm
 
 
 @pytest.mark.parametrize("extra,world,message", [
@@ -50,3 +53,22 @@ def test_model_config_errors_name_the_numbers(extra, world, message):
 def test_tokenizer_vocab_enlarges_the_preset():
     cfg = model_config(parse_args(BASE + ["--global-batch-size", "4", "--seq-length", "256"]), 1, vocab_size=514)
     assert cfg.llm.vocab_size == 514 and cfg.llm.padded_vocab_size(1) == 520
+
+
+def test_every_flag_lands_in_one_typed_section():
+    run = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--pipeline-layers", "1,3", "--bf16",
+                             "--data", "jsonl:a.jsonl:0.5", "--data", "jsonl:b.jsonl:0.5", "--keep-last", "5"])
+    assert isinstance(run, TrainingConfig)
+    assert run.parallelism.tensor_model_parallel_size == 2 and run.parallelism.pipeline_layers == (1, 3)
+    assert run.precision.dtype_name == "bf16" and run.checkpoint.keep_last == 5
+    assert run.data.data == ("jsonl:a.jsonl:0.5", "jsonl:b.jsonl:0.5")
+    record = run.to_dict()
+    assert json.loads(json.dumps(record)) == record  # meta.json-ready
+    assert record["batch"]["train_iters"] == 2
+
+
+def test_a_flag_without_a_config_field_is_caught():
+    ns = build_parser().parse_args(BASE)
+    ns.unheard_of = 1
+    with pytest.raises(TypeError, match="unheard_of"):
+        TrainingConfig.from_namespace(ns)

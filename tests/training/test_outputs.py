@@ -2,8 +2,8 @@
 
 import os
 
+from megatron_visualchat.checkpoint.layout import latest_iteration
 from megatron_visualchat.testing.distributed import run_parallel
-from megatron_visualchat.training import checkpointing
 
 
 def _train(argv):
@@ -21,7 +21,7 @@ def test_keep_last_tensorboard_and_tokenizer(tmp_path):
             "--eval-interval", "3", "--eval-iters", "1"]
     result = run_parallel(_train, args=(argv,))[0]
     assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000002", "iter_0000003"]
-    assert checkpointing.latest_iteration(str(save)) == 3
+    assert latest_iteration(str(save)) == 3
     assert not [d for d in os.listdir(save) if d.startswith(".tmp")]
     assert os.path.isfile(save / "tokenizer" / "tokenizer.model")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))

@@ -1,12 +1,15 @@
 """Checkpoints: N steps straight == N/2 steps, stop, resume, N/2 more (loss by loss); atomic saves; resume at
-another data-parallel size with the distributed optimizer; refusal of a checkpoint from another config."""
+another data-parallel size with the distributed optimizer; refusal of a checkpoint from another config or of a
+converted base checkpoint."""
 
 import os
 
 import pytest
 
+from megatron_visualchat.checkpoint import training_state
+from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.layout import iteration_dir, latest_iteration, write_tracker
 from megatron_visualchat.testing.distributed import RankFailed, run_parallel
-from megatron_visualchat.training import checkpointing
 
 
 def _train(argv):
@@ -37,7 +40,7 @@ def test_stop_and_resume_reproduces_the_straight_run(cache, tmp_path, tp, pp, ex
     layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp), *extra]
     straight = run_parallel(_train, tp=tp, pp=pp, args=(_argv(cache, tmp_path / "a", *layout),))[0]
     first = run_parallel(_train, tp=tp, pp=pp, args=(_argv(cache, tmp_path / "b", "--exit-interval", "2", *layout),))[0]
-    assert first["iteration"] == 2 and checkpointing.latest_iteration(str(tmp_path / "b")) == 2
+    assert first["iteration"] == 2 and latest_iteration(str(tmp_path / "b")) == 2
     second = run_parallel(_train, tp=tp, pp=pp, args=(_argv(cache, tmp_path / "b", *layout),))[0]
     assert len(straight["losses"]) == 4 and second["iteration"] == 4
     assert first["losses"] + second["losses"] == straight["losses"]
@@ -48,7 +51,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(cache, tmp_path):
     run_parallel(_train, args=(_argv(cache, save, "--exit-interval", "2"),))
     os.makedirs(save / ".tmp_iter_0000004" / "mp_rank_00_000")  # a save that died half-way
     (save / ".tmp_iter_0000004" / "mp_rank_00_000" / "trainable.pt").write_bytes(b"truncated")
-    assert checkpointing.latest_iteration(str(save)) == 2
+    assert latest_iteration(str(save)) == 2
     resumed = run_parallel(_train, args=(_argv(cache, save),))[0]
     assert resumed["iteration"] == 4 and len(resumed["losses"]) == 2
 
@@ -69,3 +72,11 @@ def test_checkpoint_from_another_config_is_refused(cache, tmp_path):
     run_parallel(_train, args=(_argv(cache, save, "--exit-interval", "2"),))
     with pytest.raises(RankFailed, match="was saved with model="):
         run_parallel(_train, args=(_argv(cache, save, "--projector", "mlp"),))
+
+
+def test_converted_base_checkpoint_is_not_resumed(tmp_path):
+    """A converted LLM shares the tracker and iter_ directories, but it is --llm-load's input, not a resume point."""
+    write_tracker(tmp_path, 0)
+    iteration_dir(tmp_path, 0).mkdir()
+    with pytest.raises(CheckpointError, match="meta.json not found: .* is not a training checkpoint"):
+        training_state.load_checkpoint(tmp_path, [], None, None, distributed_optimizer=False, config_record={})

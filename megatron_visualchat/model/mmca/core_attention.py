@@ -19,7 +19,7 @@ from megatron_visualchat.model.token_codes import unpack_token_codes
 
 class MMCACoreAttention(MegatronModule):
     """Core attention for ``mode`` "mmca" (two-branch multi-modal causal attention) or "causal" (the CA baseline)
-    over the spliced sequence; ``image_rows``/``combine`` follow shared/design/mmca.md."""
+    over the spliced sequence; ``image_rows``/``combine`` follow docs/design/mmca.md."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type: Optional[str] = None, softmax_scale: Optional[float] = None, pg_collection=None,

@@ -10,7 +10,8 @@ the non-empty branches for combine="mean". Masks read the query rows' codes and 
 Python ints, so KV-cache decode steps (growing Lk) do not recompile.
 
 Causal mode uses torch SDPA (is_causal) when there is no padding, one sample per row and Lq == Lk, else flex.
-Block masks are rebuilt on every call (two per MMCA call).
+Block masks (two per MMCA call) and the code-value check are cached per codes tensor (``PerCodesCache``): every
+layer of a forward gets the same codes, so they are built by the first layer and reused by the others.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
-from megatron_visualchat.model.mmca.codes import (
+from megatron_visualchat.model.mmca.inputs import check_attention_inputs
+from megatron_visualchat.model.mmca.reference import mmca_attention_reference
+from megatron_visualchat.model.token_codes import (
     MODALITY_IMAGE,
     MODALITY_PAD,
     MODALITY_TEXT,
-    check_attention_inputs,
+    NUM_MODALITIES,
+    PerCodesCache,
     check_code_values,
 )
-from megatron_visualchat.model.mmca.reference import mmca_attention_reference
-from megatron_visualchat.model.per_codes_cache import PerCodesCache as _PerCodesCache
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class _Codes:
         )
 
 
-# A branch is a table rules[query modality, key modality] (pad 0, text 1, image 2) of how a query may see a key
+# A branch is a table rules[query modality code, key modality code] of how a query may see a key
 # of the same sample. One mask_mod code object serves every branch and mode, with the table as a captured
 # tensor: torch.compile guards on code objects and Python constants, so this keeps recompilations to shapes.
 NEVER, UP_TO_SELF, BEFORE, SAME_IMAGE = 0, 1, 2, 3
@@ -88,7 +90,7 @@ _IMAGE_ROWS: dict[str, _ImageRows] = {
 
 
 def _rule_table(rules: _Rules, device: torch.device) -> torch.Tensor:
-    table = torch.full((3, 3), NEVER, dtype=torch.int32)
+    table = torch.full((NUM_MODALITIES, NUM_MODALITIES), NEVER, dtype=torch.int32)
     for (query_modality, key_modality), rule in rules.items():
         table[query_modality, key_modality] = rule
     return table.to(device)
@@ -126,6 +128,7 @@ def _flex_op_eager(q, k, v, block_mask: BlockMask, scale: float):
     has a dense math forward and an autograd backward that run on CPU. This keeps the flex code path,
     backward included, testable without a GPU. Its logsumexp is in base 2; only its finiteness is used.
     """
+    # Private torch API, imported here so that a torch upgrade moving it breaks only this CPU test path.
     from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
     from torch.nn.attention.flex_attention import _apply_kernel_options, _identity
 
@@ -134,7 +137,7 @@ def _flex_op_eager(q, k, v, block_mask: BlockMask, scale: float):
     return out, lse
 
 
-_CACHE = _PerCodesCache()  # block masks and code checks, shared by all layers of a forward
+_CACHE = PerCodesCache()  # block masks and code checks, shared by all layers of a forward
 
 
 def _flex(q, k, v, c: _Codes, rules: _Rules, scale: float, compile: bool):
@@ -147,7 +150,7 @@ def _flex(q, k, v, c: _Codes, rules: _Rules, scale: float, compile: bool):
         return make_block_mask(mask_mod, batch, None, len_q, k.shape[2], device=q.device)
 
     pins = (c.modality, c.image_id, c.sample_id)
-    key = ("mask", _PerCodesCache.codes_key(*pins), tuple(sorted(rules.items())), len_q, k.shape[2], compile)
+    key = ("mask", PerCodesCache.codes_key(*pins), tuple(sorted(rules.items())), len_q, k.shape[2], compile)
     block_mask = _CACHE.get(key, build, pins)
     if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _flex_op_eager(q, k, v, block_mask, scale)
@@ -202,7 +205,7 @@ def _mmca_attention_fast(
     check_attention_inputs(
         q, k, v, modality, image_id, sample_id, image_rows=image_rows, combine=combine, mode=mode
     )
-    _CACHE.get(("checked", _PerCodesCache.codes_key(modality, image_id)),
+    _CACHE.get(("checked", PerCodesCache.codes_key(modality, image_id)),
                lambda: check_code_values(modality, image_id), (modality, image_id))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     codes = _Codes.build(modality, image_id, sample_id, q.shape[2])

@@ -5,7 +5,7 @@ Every attention mode is written as a list of *branches*; a branch is a boolean k
 over the non-empty branches ("mean"). An empty branch contributes exactly 0, so pad queries (no branch
 at all) get 0 and no row ever produces NaN, in the forward or the backward pass.
 
-MMCA branches (mmca.md), for a query at absolute position i and keys j of the same sample:
+MMCA branches (docs/design/mmca.md), for a query at absolute position i and keys j of the same sample:
 - text branch: text keys j <= i, for text queries (and image queries when image_rows="self+text");
 - image branch: for text queries, all image keys j < i under ONE joint softmax; for image queries,
   the query itself (image_rows "self" / "self+text": o_i = v_i) or every token of its own image
@@ -20,13 +20,8 @@ from typing import Callable
 
 import torch
 
-from megatron_visualchat.model.mmca.codes import (
-    MODALITY_IMAGE,
-    MODALITY_PAD,
-    MODALITY_TEXT,
-    check_attention_inputs,
-    check_code_values,
-)
+from megatron_visualchat.model.mmca.inputs import check_attention_inputs
+from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_PAD, MODALITY_TEXT, check_code_values
 
 
 class _Layout:

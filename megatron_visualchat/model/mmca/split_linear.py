@@ -49,8 +49,6 @@ class ModalitySplitColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_size: int, *, config, split: str = "qkv", **kwargs):
         super().__init__(input_size, output_size, config=config, **kwargs)
         _check_supported(self)
-        if split not in ("qkv", "kv"):
-            raise ValueError(f"split={split!r} is not one of ['kv', 'qkv']")
         self.split = split
         tp = self.tp_group.size()
         self.groups = config.num_query_groups // tp

@@ -6,7 +6,7 @@
 """
 
 from .encoders import ENCODERS, EncoderSpec, VisionEncoder, build_encoder, get_encoder_spec
-from .preprocess import ImagePreprocess, ImageTransform
+from .preprocess import ImagePreprocess, ImageTransform, default_image_transform
 from .projectors import PROJECTORS, build_projector, projector_options
 from .tower import VisionTower, build_vision_tower
 from .weights import load_encoder_weights
@@ -22,6 +22,7 @@ __all__ = [
     "build_encoder",
     "build_projector",
     "build_vision_tower",
+    "default_image_transform",
     "get_encoder_spec",
     "load_encoder_weights",
     "projector_options",

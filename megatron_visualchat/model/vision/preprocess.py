@@ -2,6 +2,7 @@
 
 The data collator calls `ENCODERS[name].preprocess.transform()` (no model needed) or `encoder.image_transform`;
 both give the same picklable callable PIL.Image -> FloatTensor[3, S, S], usable in DataLoader workers.
+`default_image_transform(size)` is a plain CLIP-statistics one of any size, for tests and tools with no encoder.
 """
 
 from __future__ import annotations
@@ -67,3 +68,10 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.preprocess})"
+
+
+def default_image_transform(size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> ImageTransform:
+    """Resize the short side (bicubic), center-crop ``size``, normalise (OpenAI CLIP statistics by default)."""
+    if size <= 0:
+        raise ValueError(f"image size={size} must be positive")
+    return ImagePreprocess(size, tuple(mean), tuple(std)).transform()

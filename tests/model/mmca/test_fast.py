@@ -6,15 +6,15 @@ import random
 import pytest
 import torch
 
-from megatron_visualchat.model.mmca import (
+from megatron_visualchat.model.mmca import fast, mmca_attention, mmca_attention_reference
+from megatron_visualchat.model.mmca.fast import _mmca_attention_fast
+from megatron_visualchat.model.token_codes import (
     MODALITY_IMAGE,
     MODALITY_TEXT,
+    NO_IMAGE,
+    PerCodesCache,
     codes_from_layout,
-    mmca_attention,
-    mmca_attention_reference,
 )
-from megatron_visualchat.model.mmca import fast
-from megatron_visualchat.model.mmca.fast import _mmca_attention_fast
 
 CONFIGS = [("mmca", rows, combine) for rows, combine in itertools.product(["self", "self+text", "image"],
                                                                           ["sum", "mean"])]
@@ -97,8 +97,8 @@ def test_flex_matches_reference_in_bfloat16(mode, image_rows, combine):
 
 def test_causal_without_pads_or_packing_uses_sdpa(monkeypatch):
     inputs, _ = random_inputs(seed=3)
-    modality = torch.ones_like(inputs[3])
-    image_id = torch.full_like(inputs[4], -1)
+    modality = torch.full_like(inputs[3], MODALITY_TEXT)
+    image_id = torch.full_like(inputs[4], NO_IMAGE)
     inputs = (*inputs[:3], modality, image_id)
 
     def no_flex(*args, **kwargs):
@@ -130,7 +130,7 @@ def test_a_leaking_image_mask_is_caught(monkeypatch):
         return mask_mod
 
     monkeypatch.setattr(fast, "_mask_mod", leaking_mask_mod)
-    monkeypatch.setattr(fast, "_CACHE", fast._PerCodesCache())  # the correct masks are cached for these codes
+    monkeypatch.setattr(fast, "_CACHE", PerCodesCache())  # the correct masks are cached for these codes
     assert not torch.allclose(flex_eager(*inputs, sample_id=sample_id), expected, atol=1e-3)
 
 
@@ -175,18 +175,16 @@ def test_compiled_cuda_does_not_materialise_scores():
 
 def test_block_masks_are_built_once_per_codes_tensor(monkeypatch):
     """All layers of a forward share the codes tensor: the masks are built for the first and reused."""
-    from megatron_visualchat.model.mmca import fast
-
     builds = []
     real = fast.create_block_mask
     monkeypatch.setattr(fast, "create_block_mask", lambda *a, **k: builds.append(1) or real(*a, **k))
-    monkeypatch.setattr(fast, "_CACHE", fast._PerCodesCache())
+    monkeypatch.setattr(fast, "_CACHE", PerCodesCache())
     modality, image_id, sample_id = (t.unsqueeze(0) for t in codes_from_layout("tt000tt11t"))
     q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
     outs = [fast._mmca_attention_fast(q, k, v, modality, image_id, sample_id=sample_id, compile=False)
             for _layer in range(3)]
     assert len(builds) == 2  # text branch + image branch, once
     assert all(torch.equal(o, outs[0]) for o in outs)
-    modality[0, 0] = 1  # an in-place edit (version bump) is a new layout
+    modality[0, 0] = MODALITY_TEXT  # an in-place edit (version bump) is a new layout
     fast._mmca_attention_fast(q, k, v, modality, image_id, sample_id=sample_id, compile=False)
     assert len(builds) == 4

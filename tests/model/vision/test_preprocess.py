@@ -7,7 +7,12 @@ from PIL import Image
 from transformers import CLIPImageProcessor, SiglipImageProcessor
 
 from megatron_visualchat.model.vision.encoders import ENCODERS
-from megatron_visualchat.model.vision.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
+from megatron_visualchat.model.vision.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImagePreprocess,
+    default_image_transform,
+)
 
 CLIP_32 = ImagePreprocess(32, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
@@ -45,6 +50,14 @@ def test_transform_is_picklable_for_dataloader_workers():
     clone = pickle.loads(pickle.dumps(transform))
     image = _white_left_third(64, 48)
     torch.testing.assert_close(clone(image), transform(image))
+
+
+def test_default_transform_is_clip_preprocessing_of_any_size():
+    image = _white_left_third(64, 48)
+    torch.testing.assert_close(default_image_transform(32)(image), CLIP_32.transform()(image))
+    assert default_image_transform(8).image_size == 8
+    with pytest.raises(ValueError, match="image size=0 must be positive"):
+        default_image_transform(0)
 
 
 def test_unknown_resize_mode_is_refused():

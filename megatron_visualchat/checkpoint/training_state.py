@@ -1,16 +1,16 @@
-"""Trainable-only checkpoints: what training changes (trainable parameters, optimizer, scheduler, RNG, data
-position), never the frozen 7B-70B weights, which stay in the converted base checkpoint.
+"""Trainable-only training checkpoints: what training changes (trainable parameters, optimizer, scheduler, RNG,
+data position), never the frozen 7B-70B weights, which stay in the converted base checkpoint.
 
-Layout (one file per tensor/pipeline rank, written by its data-parallel rank 0):
+Layout (one file per tensor/pipeline rank, written by its data-parallel rank 0; conventions in ``layout.py``):
 
     SAVE/iter_0000200/mp_rank_{tp:02d}_{pp:03d}/trainable.pt
     SAVE/iter_0000200/meta.json
     SAVE/latest_checkpointed_iteration.txt
 
 Atomic: ranks write into ``SAVE/.tmp_iter_...``; global rank 0 renames it to ``iter_...`` only after every rank is
-done, then rewrites the ``latest`` file through a temp file + rename. A crash mid-save leaves the previous
-checkpoint as ``latest``. Optimizer state is saved DP-independent (the distributed optimizer's shards are gathered
-to DP rank 0), so a run can resume at another data-parallel size.
+done, then rewrites the tracker through a temp file + rename. A crash mid-save leaves the previous checkpoint as
+the latest. Optimizer state is saved DP-independent (the distributed optimizer's shards are gathered to DP rank 0),
+so a run can resume at another data-parallel size.
 """
 
 from __future__ import annotations
@@ -19,48 +19,43 @@ import json
 import os
 import random
 import shutil
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.utils import unwrap_model
 
-LATEST = "latest_checkpointed_iteration.txt"
+from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.layout import iteration_dir, rank_dir, read_tracker, write_tracker
 
-
-def _iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def _rank_file(directory: str) -> str:
-    from megatron.core import parallel_state as ps
-
-    return os.path.join(directory, f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}_"
-                                   f"{ps.get_pipeline_model_parallel_rank():03d}", "trainable.pt")
+RANK_FILE = "trainable.pt"
+META_FILE = "meta.json"
+# What must match for a resume: the data-parallel size alone may change.
+RESUME_KEYS = ("model", "tp", "pp", "vpp", "pp_layers")
 
 
-def unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+def _rank_file(directory: Path) -> Path:
+    return rank_dir(directory, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                    pp_suffix=True) / RANK_FILE
 
 
-def _has_trainable(chunks: list) -> bool:
-    return any(p.requires_grad for chunk in chunks for p in unwrap(chunk).parameters())
+def _trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def trainable_state_dict(chunks: list) -> list[dict]:
     out = []
-    for chunk in chunks:
-        model = unwrap(chunk)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
+    for model in unwrap_model(chunks):
+        names = _trainable_names(model)
         out.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names})
     return out
 
 
 def rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -72,8 +67,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
@@ -99,20 +92,22 @@ def _optimizer_state(optimizer, distributed: bool, has_trainable: bool) -> Optio
     return {"common": optimizer.state_dict(), "param_state": param_state}
 
 
-def save_checkpoint(root: str, iteration: int, chunks: list, optimizer, scheduler, *, consumed_samples: int,
-                    distributed_optimizer: bool, config_record: dict, keep_last: int = 3) -> str:
-    from megatron.core import parallel_state as ps
-
-    tmp = os.path.join(root, f".tmp_iter_{iteration:07d}")
-    final = _iter_dir(root, iteration)
+def save_checkpoint(root: Union[str, Path], iteration: int, chunks: list, optimizer, scheduler, *,
+                    consumed_samples: int, distributed_optimizer: bool, config_record: dict,
+                    keep_last: int = 3) -> Path:
+    """Collective: save ``iteration`` under ``root`` atomically, then keep only the ``keep_last`` newest (0: all)."""
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = root / f".tmp_{final.name}"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        tmp.mkdir(parents=True)
     dist.barrier()
-    optimizer_state = _optimizer_state(optimizer, distributed_optimizer, _has_trainable(chunks))
+    has_trainable = any(_trainable_names(model) for model in unwrap_model(chunks))
+    optimizer_state = _optimizer_state(optimizer, distributed_optimizer, has_trainable)
     if ps.get_data_parallel_rank() == 0:
         path = _rank_file(tmp)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({
             "iteration": iteration, "consumed_samples": consumed_samples,
             "model": trainable_state_dict(chunks), "optimizer": optimizer_state,
@@ -120,46 +115,31 @@ def save_checkpoint(root: str, iteration: int, chunks: list, optimizer, schedule
         }, path)
     dist.barrier()
     if dist.get_rank() == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"iteration": iteration, "consumed_samples": consumed_samples, **config_record}, f, indent=1)
+        meta = {"iteration": iteration, "consumed_samples": consumed_samples, **config_record}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        latest_tmp = os.path.join(root, LATEST + ".tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(latest_tmp, os.path.join(root, LATEST))
+        write_tracker(root, iteration)
         _prune(root, keep_last)
     dist.barrier()
     return final
 
 
-def _prune(root: str, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    iters = sorted(int(d[5:]) for d in os.listdir(root) if d.startswith("iter_") and d[5:].isdigit())
+    iters = sorted(int(d.name[5:]) for d in root.iterdir() if d.name.startswith("iter_") and d.name[5:].isdigit())
     for it in iters[:-keep_last]:
-        shutil.rmtree(_iter_dir(root, it), ignore_errors=True)
+        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
 
 
-def latest_iteration(root: Optional[str]) -> Optional[int]:
-    if not root:
-        return None
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        text = f.read().strip()
-    if not text.isdigit() or not os.path.isdir(_iter_dir(root, int(text))):
-        raise ValueError(f"{path} names iteration {text!r}, but {root} has no such checkpoint directory")
-    return int(text)
-
-
-def check_compatible(meta: dict, config_record: dict, root: str) -> None:
-    """Refuse a checkpoint from another model config (a different parallel layout is fine for DP only)."""
-    for key in ("model", "tp", "pp", "vpp", "pp_layers"):
+def check_compatible(meta: dict, config_record: dict, directory: Path) -> None:
+    """Refuse a checkpoint from another model config or layout (only the data-parallel size may change)."""
+    for key in RESUME_KEYS:
         if meta.get(key) != config_record.get(key):
-            raise ValueError(f"checkpoint {root} was saved with {key}={meta.get(key)!r}, this run has "
-                             f"{key}={config_record.get(key)!r}; only the data-parallel size may change on resume")
+            raise CheckpointError(f"checkpoint {directory} was saved with {key}={meta.get(key)!r}, this run has "
+                                  f"{key}={config_record.get(key)!r}; only the data-parallel size may change on "
+                                  "resume")
 
 
 def _unshare_adam_steps(optimizer) -> None:
@@ -186,33 +166,35 @@ def _load_dp_zero_state(part, param_state) -> None:
             inner[p]["step"] = step
 
 
-def load_checkpoint(root: str, chunks: list, optimizer, scheduler, *, distributed_optimizer: bool,
+def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, *, distributed_optimizer: bool,
                     config_record: dict, iteration: Optional[int] = None) -> dict:
-    """Restore trainable weights, optimizer, scheduler and RNG. Returns {"iteration", "consumed_samples"}."""
-    iteration = latest_iteration(root) if iteration is None else iteration
-    directory = _iter_dir(root, iteration)
-    with open(os.path.join(directory, "meta.json")) as f:
-        meta = json.load(f)
-    check_compatible(meta, config_record, root)
-    state = torch.load(_rank_file(directory), map_location="cpu", weights_only=True)
-    for chunk, saved in zip(chunks, state["model"]):
-        model = unwrap(chunk)
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    """Restore trainable weights, optimizer, scheduler and RNG from ``iteration`` (default: the tracker's).
+    Returns {"iteration", "consumed_samples"}."""
+    iteration = read_tracker(root) if iteration is None else iteration
+    directory = iteration_dir(root, iteration)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} not found: {root} is not a training checkpoint (a converted base LLM "
+                              "is loaded with --llm-load)")
+    check_compatible(json.loads(meta_path.read_text()), config_record, directory)
+    path = _rank_file(directory)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {directory} was saved with another tensor/pipeline layout")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for model, saved in zip(unwrap_model(chunks), state["model"]):
+        expected = _trainable_names(model)
         if set(saved) != expected:
-            raise ValueError(f"checkpoint {directory} holds trainable parameters {sorted(set(saved) ^ expected)[:5]} "
-                             "that differ from this run's trainable set (another --trainable policy?)")
+            raise CheckpointError(f"checkpoint {path} holds trainable parameters that differ from this run's "
+                                  f"trainable set (another --trainable policy?): {sorted(set(saved) ^ expected)[:5]}")
         model.load_state_dict(saved, strict=False)
-    opt = state["optimizer"]
-    if opt is not None:
-        _load_optimizer(optimizer, opt, distributed_optimizer)
+    if state["optimizer"] is not None:
+        _load_optimizer(optimizer, state["optimizer"], distributed_optimizer)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return {"iteration": state["iteration"], "consumed_samples": state["consumed_samples"]}
 
 
 def _load_optimizer(optimizer, opt: dict, distributed_optimizer: bool) -> None:
-    from megatron.core import parallel_state as ps
-
     # Rebuild fp32 main params from the restored weights, then the optimizer state on top.
     optimizer.reload_model_params()
     optimizer.load_state_dict(opt["common"])

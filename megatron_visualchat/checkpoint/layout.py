@@ -1,0 +1,60 @@
+"""Megatron's directory conventions, shared by converted and training checkpoints.
+
+    <root>/latest_checkpointed_iteration.txt    the iteration to load ("200"; "release" in some Megatron-LM dirs)
+    <root>/iter_0000200/mp_rank_TT[_PPP]/...     one directory per saved iteration, one per TP/PP rank inside
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from megatron_visualchat.checkpoint.errors import CheckpointError
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+Iteration = Union[int, str]  # an iteration number, or "release"
+
+
+def iteration_dir(root: Union[str, Path], iteration: Iteration) -> Path:
+    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+    return Path(root) / name
+
+
+def rank_dir(directory: Union[str, Path], tp_rank: int, pp_rank: int, *, pp_suffix: bool) -> Path:
+    """``mp_rank_TT`` or ``mp_rank_TT_PPP``: Megatron-LM adds the pipeline rank only when PP > 1, the training
+    checkpoints always do."""
+    return Path(directory) / (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_suffix else ""))
+
+
+def write_tracker(root: Union[str, Path], iteration: int) -> None:
+    """Through a temp file + rename, so a crash never leaves a half-written tracker."""
+    path = Path(root) / TRACKER_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(iteration))
+    os.replace(tmp, path)
+
+
+def read_tracker(root: Union[str, Path]) -> Iteration:
+    path = Path(root) / TRACKER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {root} is not a checkpoint directory, or its conversion or first "
+                              "save did not finish")
+    text = path.read_text().strip()
+    if text == "release":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+
+
+def latest_iteration(root: Optional[Union[str, Path]]) -> Optional[int]:
+    """The iteration a training run resumes from; None when ``root`` holds no checkpoint yet."""
+    if not root or not (Path(root) / TRACKER_FILE).is_file():
+        return None
+    iteration = read_tracker(root)
+    if iteration == "release" or not iteration_dir(root, iteration).is_dir():
+        raise CheckpointError(f"{Path(root) / TRACKER_FILE} names iteration {iteration!r}, but {root} has no such "
+                              "checkpoint directory")
+    return iteration

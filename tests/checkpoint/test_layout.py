@@ -1,0 +1,43 @@
+"""Megatron's directory conventions shared by converted and training checkpoints: iteration and rank directory
+names, the tracker file, and the iteration a training run resumes from."""
+
+import pytest
+
+from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.layout import (
+    TRACKER_FILE,
+    iteration_dir,
+    latest_iteration,
+    rank_dir,
+    read_tracker,
+    write_tracker,
+)
+
+
+def test_directory_names(tmp_path):
+    assert iteration_dir(tmp_path, 200) == tmp_path / "iter_0000200"
+    assert iteration_dir(tmp_path, "release") == tmp_path / "release"
+    assert rank_dir(tmp_path, 1, 0, pp_suffix=False) == tmp_path / "mp_rank_01"
+    assert rank_dir(tmp_path, 3, 2, pp_suffix=True) == tmp_path / "mp_rank_03_002"
+
+
+def test_tracker(tmp_path):
+    with pytest.raises(CheckpointError, match="latest_checkpointed_iteration.txt not found"):
+        read_tracker(tmp_path)
+    write_tracker(tmp_path, 0)
+    assert read_tracker(tmp_path) == 0 and sorted(p.name for p in tmp_path.iterdir()) == [TRACKER_FILE]
+    (tmp_path / TRACKER_FILE).write_text("release\n")
+    assert read_tracker(tmp_path) == "release"
+    (tmp_path / TRACKER_FILE).write_text("last")
+    with pytest.raises(CheckpointError, match="found 'last'"):
+        read_tracker(tmp_path)
+
+
+def test_latest_iteration(tmp_path):
+    assert latest_iteration(None) is None and latest_iteration(tmp_path / "absent") is None
+    assert latest_iteration(tmp_path) is None
+    write_tracker(tmp_path, 4)
+    with pytest.raises(CheckpointError, match="names iteration 4, but .* has no such checkpoint directory"):
+        latest_iteration(tmp_path)
+    iteration_dir(tmp_path, 4).mkdir()
+    assert latest_iteration(str(tmp_path)) == 4
