@@ -143,8 +143,10 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TrainableConfig:
-    """What training changes. DS-VisualChat trains the projector, the image-side split projections and a copy of
-    the input embeddings; the LLM's text weights and the vision encoder stay frozen."""
+    """What training changes. DS-VisualChat trains the projector and a copy of the input embeddings (its MMCA adds
+    no attention weights); ``image_projections`` are the image-side weights of ``--modality-split`` and
+    ``--modality-norms`` (this project's and mPLUG-Owl2's additions). The LLM's text weights and the vision encoder
+    stay frozen."""
 
     projector: bool = True
     image_projections: bool = True  # image-side weights: modality-split linears, modality norms (Owl2)
