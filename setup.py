@@ -13,6 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_visualchat", "megatron_visualchat.*"]),
+    package_data={"megatron_visualchat.inference": ["static/*"]},  # the chat page `serve` shows
     install_requires=[
         "torch",
         "torchvision",
@@ -30,7 +31,8 @@ setup(
         "hf": ["transformers"],
         "te": ["transformer-engine[pytorch]"],
         "apex": ["apex"],
-        "test": ["pytest", "pytest-timeout", "transformers"],
+        "serve": ["fastapi", "uvicorn"],
+        "test": ["pytest", "pytest-timeout", "transformers", "fastapi", "uvicorn", "openai", "selenium"],
     },
     entry_points={
         "console_scripts": [

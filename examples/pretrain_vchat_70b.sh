@@ -5,15 +5,16 @@
 # gets fewer decoder layers (--pipeline-layers 17,21,21,21). 4 nodes x 8 GPUs = 32 GPUs, DP=1; scale DP with nodes.
 # Launch one torchrun per node (see examples/slurm/pretrain_vchat_70b.sbatch for SLURM), e.g. on each node:
 #   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node0> examples/pretrain_vchat_70b.sh
+# Dry run first (flags, paths, data, parameters per rank; one CPU process): TORCHRUN=examples/torchrun_dry_run.py
 set -euo pipefail
 : "${LLM_CKPT:?converted LLaMA-2-70B (TP=8, PP=4, --pp-layers 17,21,21,21) directory}" "${TOKENIZER:?tokenizer dir}"
-: "${VISION_WEIGHTS:?encoder weights}" "${DATA:?e.g. llava:/data/llava_instruct_150k.json:1.0}"
-torchrun --nnodes "${NNODES:-4}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC:-8}" \
+: "${VISION_WEIGHTS:?encoder weights}" "${DATA:?e.g. llava:/data/llava_instruct_150k.json}"
+"${TORCHRUN:-torchrun}" --nnodes "${NNODES:-4}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC:-8}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
   "$(dirname "$0")/../pretrain_vchat.py" \
   --model-preset llama2-70b --llm-load "$LLM_CKPT" --tokenizer-dir "$TOKENIZER" \
   --vision-encoder qwen-vl-vit-bigg-14-448 --vision-weights "$VISION_WEIGHTS" --projector linear \
-  --attention-mode mmca --modality-split none --trainable projector,image_projections,embeddings \
+  --attention-mode mmca --modality-split none --trainable projector,embeddings \
   --tensor-model-parallel-size 8 --pipeline-model-parallel-size 4 --pipeline-layers 17,21,21,21 \
   --use-distributed-optimizer --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
   --micro-batch-size 1 --global-batch-size 128 --seq-length 4096 --train-epochs 6 \

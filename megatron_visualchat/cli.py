@@ -12,6 +12,8 @@ COMMANDS: dict[str, str] = {
     "megatron-to-hf": "megatron_visualchat.checkpoint.convert:megatron_to_hf_main",
     "chat": "megatron_visualchat.inference.cli:main",
     "eval-replay": "megatron_visualchat.inference.cli:eval_main",
+    "serve": "megatron_visualchat.inference.server:main",
+    "validate-data": "megatron_visualchat.data.validate:main",
 }
 
 

@@ -132,6 +132,52 @@ class AttentionConfig:
                               "into the linears")
 
 
+# Linears LoRA can adapt: in a decoder layer linear_qkv, linear_proj, linear_fc1, linear_fc2; in a vision encoder's
+# (timm) blocks attn.qkv, attn.proj, mlp.fc1, mlp.fc2.
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+# State-dict names of an adapter pair beside the weight it adapts: (weight, A, B), for a linear's weight and for the
+# image_weight of a modality-split one (model/lora.py builds them, checkpoint/adapters.py stores them).
+LORA_PAIRS = (("weight", "lora_a", "lora_b"), ("image_weight", "image_lora_a", "image_lora_b"))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA): a target linear computes ``W x + (alpha / rank) * B A dropout(x)`` with B zero at
+    the start, so step 0 is the base model. ``rank`` 0: no adapters on the decoder; ``vision_rank`` 0: none on the
+    vision encoder (``alpha`` is shared; ``dropout`` applies to the decoder's adapters, a frozen encoder runs in
+    eval mode). Adapters always train; what they adapt stays as ``TrainableConfig`` says (docs/lora.md)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    vision_rank: int = 0
+    vision_targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or self.vision_rank > 0
+
+    def validate(self, attention: AttentionConfig) -> None:
+        for prefix, rank, targets in (("lora.", self.rank, self.targets),
+                                      ("lora.vision_", self.vision_rank, self.vision_targets)):
+            if rank < 0:
+                raise ConfigError(f"{prefix}rank={rank} must be >= 0 (0: no adapters)")
+            if rank and not targets:
+                raise ConfigError(f"{prefix}rank={rank} needs {prefix}targets, some of {list(LORA_TARGETS)}")
+            for target in targets:
+                check_choice(f"{prefix}targets entry", target, LORA_TARGETS)
+            if len(set(targets)) != len(targets):
+                raise ConfigError(f"{prefix}targets={list(targets)} names a linear twice")
+        if self.enabled and not self.alpha > 0:
+            raise ConfigError(f"lora.alpha={self.alpha} must be > 0 with adapters (the scale is alpha / rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if self.rank and attention.backend == "te":
+            raise ConfigError("LoRA on the decoder needs attention.backend='local': the adapters wrap megatron-core's "
+                              "local ColumnParallelLinear / RowParallelLinear, not Transformer-Engine's fused linears")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     encoder: str = "tiny"
@@ -239,6 +285,7 @@ class VisualChatConfig:
     vision: VisionConfig = VisionConfig()
     trainable: TrainableConfig = TrainableConfig()
     parallel: ParallelConfig = ParallelConfig()
+    lora: LoraConfig = LoraConfig()
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "VisualChatConfig":
@@ -252,6 +299,7 @@ class VisualChatConfig:
         self.llm.validate()
         self.attention.validate()
         self.trainable.validate()
+        self.lora.validate(self.attention)
         self.parallel.validate(self.llm, world_size)
         return self
 

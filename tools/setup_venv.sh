@@ -10,3 +10,12 @@ if [ ! -x .venv/bin/python ] || ! cmp -s requirements-cpu.txt .venv/.requirement
   cp requirements-cpu.txt .venv/.requirements-installed
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+# The browser test (tests/inference/test_server_browser.py) drives Debian's chromium: installed once, as root.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver >/dev/null; } || echo "warning: could not install chromium chromium-driver" >&2
+  else
+    echo "note: the browser test needs chromium and chromium-driver (apt-get install chromium chromium-driver)" >&2
+  fi
+fi

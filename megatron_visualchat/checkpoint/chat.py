@@ -5,28 +5,35 @@
     <dir>/visualchat_config.json   the model's VisualChatConfig (llm, attention, vision, trainable; no parallel)
     <dir>/tokenizer.model          sentencepiece model  } written by VisualChatTokenizer.save
     <dir>/added_tokens.json        <image>/<pad> ids    }
+    <dir>/SHA256SUMS               checksums of the files above (``checksums.py``)
 
 ``save_chat_checkpoint`` is the one writer (training's ``--export-dir``, or a chat model from Python): it merges the
-shards of every TP rank, PP stage and virtual stage. ``load_chat_checkpoint`` fills a model built for the current
-TP size, each rank reading only its slices, with Megatron's vocabulary padding recomputed for that size. Loading is
-strict: a tensor missing from the file, an extra one, or a shape that does not fit is an error naming the tensor.
+shards of every TP rank, PP stage and virtual stage, writes into ``.tmp_<dir>`` beside the target and renames it
+into place, so an existing export is replaced only by a complete one. ``load_chat_checkpoint`` fills a model built
+for the current TP size, each rank reading only its slices, with Megatron's vocabulary padding recomputed for that
+size. Loading is strict: a tensor missing from the file, an extra one, or a shape that does not fit is an error
+naming the tensor; damaged bytes are caught by the checksums, checked last.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.utils import unwrap_model
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_visualchat.checkpoint.checksums import read_checksums, sha256, verify, write_checksums
 from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.layout import replace_dir
 from megatron_visualchat.checkpoint.sharding import (
     merge_state_dicts,
     pad_vocab_rows,
@@ -46,6 +53,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "visualchat_config.json"
 _SECTIONS = {"llm": LLMConfig, "attention": AttentionConfig, "vision": VisionConfig, "trainable": TrainableConfig}
 _VOCAB_ROWS = ("word_embeddings.weight", "output_layer.weight")
+DAMAGED_FIX = "export it again (pretrain_vchat.py --load SAVE_DIR --export-dir DIR) or restore it from a copy"
 
 
 def config_to_dict(cfg: VisualChatConfig) -> dict:
@@ -76,8 +84,8 @@ def read_chat_config(load_dir: Union[str, Path]) -> VisualChatConfig:
         raise CheckpointError(f"{path} not found: --load expects a chat checkpoint directory")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt (not valid JSON: {e}): {DAMAGED_FIX}") from None
     return config_from_dict(data, str(path))
 
 
@@ -86,10 +94,21 @@ def _own_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def save_chat_checkpoint(model, tokenizer, out_dir: Union[str, Path]) -> Path:
-    """Write the chat checkpoint of ``model``: a VisualChatModel, or this rank's list of model chunks (one per
-    virtual pipeline stage; DDP / Float16Module wrappers are looked through). Collective: every rank calls it, the
-    data-parallel rank 0 of each TP/PP position sends its shards, global rank 0 merges and writes."""
+def check_export_dir(out_dir: Union[str, Path]) -> None:
+    """An export replaces its whole directory: refuse one that holds something else than a chat checkpoint."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export directory {out} exists and is not a directory: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise CheckpointError(f"export directory {out} is not empty and holds no chat checkpoint ({CONFIG_FILE} "
+                              "not found); an export replaces the whole directory: choose a new or empty one")
+
+
+def gather_full_state_dict(model, state_dict: Optional[Callable] = None) -> Optional[dict[str, torch.Tensor]]:
+    """Collective: the full (TP=1, PP=1) state dict of ``model`` (a VisualChatModel, or this rank's list of model
+    chunks; DDP / Float16Module wrappers are looked through) on global rank 0, None on the others. The data-parallel
+    rank 0 of each TP/PP position sends ``state_dict(chunk)`` (default: the chunk's state dict) of every chunk with
+    its stage's layer range; ``_extra_state`` entries are left out."""
     chunks = unwrap_model(model if isinstance(model, list) else [model])
     cfg = chunks[0].cfg
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -97,26 +116,83 @@ def save_chat_checkpoint(model, tokenizer, out_dir: Union[str, Path]) -> Path:
     if ps.get_data_parallel_rank() == 0:
         for vp_stage, chunk in enumerate(chunks):
             layers = stage_layer_range(cfg.llm, cfg.parallel, pp_rank, vp_stage)
-            pieces.append((tp_rank, pp_rank, layers, {k: v.detach().cpu() for k, v in _own_state(chunk).items()}))
+            state = (state_dict or _own_state)(chunk)
+            pieces.append((tp_rank, pp_rank, layers,
+                           {k: v.detach().cpu() for k, v in state.items() if not k.endswith("_extra_state")}))
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(pieces, gathered, dst=0)
-    out_dir = Path(out_dir)
+    if dist.get_rank() != 0:
+        return None
+    merged = merge_state_dicts([p for rank_pieces in gathered for p in rank_pieces],
+                               ps.get_tensor_model_parallel_world_size())
+    if not cfg.llm.untie_embeddings:  # the last stage's copy of tied embeddings (PP > 1) is not in a PP=1 model
+        merged = {k: v for k, v in merged.items() if not k.endswith("output_layer.weight")}
+    return merged
+
+
+def save_chat_checkpoint(model, tokenizer, out_dir: Union[str, Path], *,
+                         state_dict: Optional[Callable] = None) -> Path:
+    """Write the chat checkpoint of ``model``: a VisualChatModel, or this rank's list of model chunks (one per
+    virtual pipeline stage; DDP / Float16Module wrappers are looked through). Collective: every rank calls it, the
+    data-parallel rank 0 of each TP/PP position sends its shards, global rank 0 merges and writes them into a temp
+    directory beside ``out_dir``, checksums last, and renames it into place. ``state_dict(chunk)`` gives the
+    tensors to write; a model with LoRA adapters needs ``model.lora.merge_lora``, which folds them into the weights
+    (the file then loads into a model built without LoRA, from the config written beside it)."""
+    check_export_dir(out_dir)
+    cfg = unwrap_model(model if isinstance(model, list) else [model])[0].cfg
+    if cfg.lora.enabled and state_dict is None:
+        raise CheckpointError("this model has LoRA adapters, which a chat checkpoint does not hold: pass "
+                              "state_dict=megatron_visualchat.model.lora.merge_lora to fold them into the weights")
+    merged = gather_full_state_dict(model, state_dict)
     if dist.get_rank() == 0:
-        merged = merge_state_dicts([p for rank_pieces in gathered for p in rank_pieces],
-                                   ps.get_tensor_model_parallel_world_size())
-        if not cfg.llm.untie_embeddings:  # the last stage's copy of tied embeddings (PP > 1) is not in a PP=1 model
-            merged = {k: v for k, v in merged.items() if not k.endswith("output_layer.weight")}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in merged.items()}, str(out_dir / WEIGHTS_FILE),
-                  metadata={"format": "pt", "producer": "megatron_visualchat"})
-        (out_dir / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        tokenizer.save(str(out_dir))
+        final = Path(os.path.abspath(out_dir))
+        tmp = final.with_name(f".tmp_{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / WEIGHTS_FILE),
+                      metadata={"format": "pt", "producer": "megatron_visualchat"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+            tokenizer.save(str(tmp))
+            write_checksums(tmp, {f.name: sha256(f) for f in tmp.iterdir()})
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     dist.barrier()
-    return out_dir
+    return Path(out_dir)
+
+
+def _verify_files(load_dir: Path) -> None:
+    """Every file ``SHA256SUMS`` lists, hashed once per tensor-parallel group (the weights file can be hundreds of
+    GB); every rank of the group raises if one is damaged."""
+    problem = None
+    if ps.get_tensor_model_parallel_rank() == 0:
+        try:
+            digests = read_checksums(load_dir, DAMAGED_FIX)
+            for name in digests or ():
+                verify(load_dir, name, digests, DAMAGED_FIX)
+        except CheckpointError as e:
+            problem = str(e)
+    box = [problem]
+    dist.broadcast_object_list(box, src=ps.get_tensor_model_parallel_src_rank(),
+                               group=ps.get_tensor_model_parallel_group())
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+
+
+def tp_slice(name: str, full: torch.Tensor, vocab_size: int, padded_vocab: int) -> torch.Tensor:
+    """This tensor-parallel rank's slice of the full-layout tensor ``name``; vocabulary rows are cut to
+    ``vocab_size`` and padded again to ``padded_vocab`` (Megatron's padding depends on the TP size)."""
+    if name.endswith(_VOCAB_ROWS):
+        full = pad_vocab_rows(full[:vocab_size], padded_vocab)
+    return split_tensor(full, split_kind(name), ps.get_tensor_model_parallel_world_size(),
+                        ps.get_tensor_model_parallel_rank())
 
 
 def load_chat_checkpoint(model, load_dir: Union[str, Path]) -> None:
-    """Load this TP rank's slices of ``<load_dir>/model.safetensors`` into ``model`` (strict)."""
+    """Load this TP rank's slices of ``<load_dir>/model.safetensors`` into ``model`` (strict), then check the
+    checkpoint's files against ``SHA256SUMS``."""
     path = Path(load_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} not found: --load expects a chat checkpoint directory ({WEIGHTS_FILE}, "
@@ -124,7 +200,11 @@ def load_chat_checkpoint(model, load_dir: Union[str, Path]) -> None:
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     own = _own_state(model)
     vocab = model.cfg.llm.vocab_size
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        f = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is corrupt (cannot be read: {e}): {DAMAGED_FIX}") from None
+    with f:
         keys = set(f.keys())
         missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
         if missing or unexpected:
@@ -133,11 +213,9 @@ def load_chat_checkpoint(model, load_dir: Union[str, Path]) -> None:
                                   f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         with torch.no_grad():
             for name, target in own.items():
-                tensor = f.get_tensor(name)
-                if name.endswith(_VOCAB_ROWS):  # Megatron's padding depends on the TP size
-                    tensor = pad_vocab_rows(tensor[:vocab], target.shape[0] * tp)
-                tensor = split_tensor(tensor, split_kind(name), tp, tp_rank)
+                tensor = tp_slice(name, f.get_tensor(name), vocab, target.shape[0] * tp)
                 if tensor.shape != target.shape:
                     raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)} on TP rank "
                                           f"{tp_rank} of {tp}, the model expects {tuple(target.shape)}")
                 target.copy_(tensor)
+    _verify_files(Path(load_dir))  # after the checks that name a tensor: it finds what they cannot, damaged bytes

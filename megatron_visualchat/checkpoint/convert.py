@@ -5,21 +5,27 @@ and tensor with its shape, the output directory) and writes nothing when anythin
 pipeline stages; for each megatron tensor it reads only the HF tensors it is made of (``weight_files.HFWeights``:
 safetensors or ``.bin``, one tensor's bytes at a time), writes every TP rank's shard straight into that rank's file
 and frees them: peak memory is about one fused tensor (gate + up) or the padded embedding, whatever the model size.
-``megatron-to-hf`` reverses it, writing safetensors shards of at most ``--max-shard-size``.
+``megatron-to-hf`` reverses it, writing safetensors shards of at most ``--max-shard-size``. A refusal exits with 2;
+a failure while writing (``OSError``: a full disk) exits with 1, and either way what was written is removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import re
 import shutil
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from megatron_visualchat.argtypes import int_list
@@ -58,6 +64,7 @@ VISION_NOTE = (
 )
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 # ------------------------------------------------------------------------------------------ HF reading
@@ -123,11 +130,26 @@ def _prepare_out(out_dir: Union[str, Path], *, force: bool, inputs: Sequence[Pat
         if not force:
             raise CheckpointError(f"output directory {out} is not empty; pass --force to replace the checkpoint "
                                   "files in it")
-        for pattern in replaced:
-            for path in out.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _remove_outputs(out, replaced)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _remove_outputs(out: Path, patterns: Sequence[str]) -> None:
+    """What this tool writes into ``out`` (the rest of the directory is not touched)."""
+    for pattern in patterns:
+        for path in out.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextmanager
+def _removed_on_failure(out: Path, patterns: Sequence[str]):
+    """A conversion that fails half-way (a full disk, an interrupt) leaves no partial files behind."""
+    try:
+        yield
+    except BaseException:
+        _remove_outputs(out, patterns)
+        raise
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -181,13 +203,14 @@ def hf_to_megatron(
                               hf_config=dict(hf.config))
     extra = {"args": megatron_args(record), "checkpoint_version": CHECKPOINT_VERSION, "iteration": record.iteration}
     stages = [stage_state_keys(llm, parallel, s) for s in range(pp)]
-    with tqdm(total=sum(m is not None for keys in stages for _, m in keys), desc="hf-to-megatron", unit="tensor",
-              disable=None) as bar:
+    with _removed_on_failure(out, MEGATRON_OUTPUTS), tqdm(
+            total=sum(m is not None for keys in stages for _, m in keys), desc="hf-to-megatron", unit="tensor",
+            disable=None) as bar:
         for s, keys in enumerate(stages):
             layouts = _rank_layouts(keys, llm, tp, target, shapes)
-            writers = [RankFileWriter(rank_file(out, record.iteration, r, s, pp), layouts[r], extra)
-                       for r in range(tp)]
-            try:
+            with ExitStack() as files:  # on an error, the files are closed and the error is not masked
+                writers = [files.enter_context(RankFileWriter(rank_file(out, record.iteration, r, s, pp), layouts[r],
+                                                              extra)) for r in range(tp)]
                 for key, tmap in keys:
                     if tmap is None:
                         continue
@@ -196,12 +219,9 @@ def hf_to_megatron(
                         writer.write(key, rank_parts(tmap, sources, llm, tp, r))
                     del sources
                     bar.update()
-            finally:
-                for writer in writers:
-                    writer.close()
-    _copy_side_files(hf.dir, out / TOKENIZER_DIR)
-    record.save(out)
-    write_tracker(out, record.iteration)  # last: a directory without it is an unfinished conversion
+        _copy_side_files(hf.dir, out / TOKENIZER_DIR)
+        record.save(out)
+        write_tracker(out, record.iteration)  # last: a directory without it is an unfinished conversion
     return out
 
 
@@ -237,10 +257,14 @@ class _SafetensorsShards:
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         path = self.out / f"model-{len(self._shards) + 1:05d}.partial.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(path), metadata={"format": "pt"})
+        except SafetensorError as e:  # safetensors reports a failed write as "... (os error 28) ..."
+            code = _OS_ERROR.search(str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -299,8 +323,9 @@ def megatron_to_hf(
     llm, par = record.llm, record.parallel
     shards = _SafetensorsShards(out, max_bytes)
     stages = [stage_state_keys(llm, par, s) for s in range(par.pp)]
-    with tqdm(total=sum(m is not None and m.export for keys in stages for _, m in keys), desc="megatron-to-hf",
-              unit="tensor", disable=None) as bar:
+    with _removed_on_failure(out, HF_OUTPUTS), tqdm(
+            total=sum(m is not None and m.export for keys in stages for _, m in keys), desc="megatron-to-hf",
+            unit="tensor", disable=None) as bar:
         for s, keys in enumerate(stages):
             for key, tmap in keys:
                 if tmap is None or not tmap.export:
@@ -309,13 +334,13 @@ def megatron_to_hf(
                     # own, contiguous storage: safetensors refuses views sharing memory
                     shards.add(name, tensor.to(dtype=target, memory_format=torch.contiguous_format, copy=True))
                 bar.update()
-    shards.close()
-    config = dict(record.hf_config)
-    dtype_name = str(target).removeprefix("torch.")
-    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
-        config[key] = dtype_name
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _copy_side_files(load_dir / TOKENIZER_DIR, out)
+        shards.close()
+        config = dict(record.hf_config)
+        dtype_name = str(target).removeprefix("torch.")
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = dtype_name
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(load_dir / TOKENIZER_DIR, out)
     return out
 
 
@@ -373,6 +398,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, ConfigError) as e:
         print(f"{args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # not a refusal: the machine failed the conversion (ENOSPC, EIO, ...)
+        hint = (f"free space on the filesystem of {args.out} or choose another --out" if e.errno == errno.ENOSPC
+                else "fix the cause and run the conversion again")
+        print(f"{args.command}: error: {e.strerror or e} ({e.filename or args.out}); the partial output in "
+              f"{args.out} was removed: {hint}", file=sys.stderr)
+        return 1
     print(f"{args.command}: wrote {out} in {time.perf_counter() - start:.1f}s")
     return 0
 

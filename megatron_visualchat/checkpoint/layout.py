@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,6 +26,17 @@ def rank_dir(directory: Union[str, Path], tp_rank: int, pp_rank: int, *, pp_suff
     """``mp_rank_TT`` or ``mp_rank_TT_PPP``: Megatron-LM adds the pipeline rank only when PP > 1, the training
     checkpoints always do."""
     return Path(directory) / (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_suffix else ""))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete directory ``tmp`` in the place of ``final`` (which may exist): renames only, so a crash
+    leaves either the old or the new directory (in the worst case as ``.old_<name>`` beside it), never a mix."""
+    old = final.with_name(f".old_{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_tracker(root: Union[str, Path], iteration: int) -> None:
@@ -49,6 +61,20 @@ def read_tracker(root: Union[str, Path]) -> Iteration:
         raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
 
 
+def saved_iterations(root: Union[str, Path]) -> list[int]:
+    """The numbered ``iter_*`` directories under ``root``, ascending (temp directories are not among them)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name[5:]) for d in root.iterdir() if d.name.startswith("iter_") and d.name[5:].isdigit())
+
+
+def available(root: Union[str, Path]) -> str:
+    """The "available: 2, 4" part of an error message: the iterations ``--load-iteration`` may pick."""
+    its = saved_iterations(root)
+    return f"available: {', '.join(map(str, its))}" if its else "no iteration is saved"
+
+
 def latest_iteration(root: Optional[Union[str, Path]]) -> Optional[int]:
     """The iteration a training run resumes from; None when ``root`` holds no checkpoint yet."""
     if not root or not (Path(root) / TRACKER_FILE).is_file():
@@ -56,5 +82,5 @@ def latest_iteration(root: Optional[Union[str, Path]]) -> Optional[int]:
     iteration = read_tracker(root)
     if iteration == "release" or not iteration_dir(root, iteration).is_dir():
         raise CheckpointError(f"{Path(root) / TRACKER_FILE} names iteration {iteration!r}, but {root} has no such "
-                              "checkpoint directory")
+                              f"checkpoint directory: pick one with --load-iteration N ({available(root)})")
     return iteration

@@ -19,6 +19,11 @@ _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?decoder\.layers\.)(?P<idx>\d+)\.(
 
 # (regex on the parameter name, split kind). First match wins; unmatched tensors are replicated.
 SPLIT_RULES: tuple[tuple[re.Pattern, str], ...] = (
+    # LoRA (model/lora.py): B of a column-parallel linear splits like its weight's rows, A of a row-parallel one like
+    # its weight's columns; the other matrix of each pair is replicated.
+    (re.compile(r"linear_fc1\.lora_b$"), "glu"),
+    (re.compile(r"linear_qkv\.(image_)?lora_b$"), "column"),
+    (re.compile(r"(linear_proj|linear_fc2)\.(image_)?lora_a$"), "row"),
     (re.compile(r"linear_fc1[^.]*\.weight$"), "glu"),
     (re.compile(r"linear_qkv\.image_weight$"), "column"),  # modality-split image side, same group layout
     (re.compile(r"linear_proj\.image_weight$"), "row"),

@@ -5,22 +5,25 @@ Layout (one file per tensor/pipeline rank, written by its data-parallel rank 0; 
 
     SAVE/iter_0000200/mp_rank_{tp:02d}_{pp:03d}/trainable.pt
     SAVE/iter_0000200/meta.json
+    SAVE/iter_0000200/SHA256SUMS                 every file above (``checksums.py``), written last
     SAVE/latest_checkpointed_iteration.txt
 
 Atomic: ranks write into ``SAVE/.tmp_iter_...``; global rank 0 renames it to ``iter_...`` only after every rank is
 done, then rewrites the tracker through a temp file + rename. A crash mid-save leaves the previous checkpoint as
 the latest. Optimizer state is saved DP-independent (the distributed optimizer's shards are gathered to DP rank 0),
-so a run can resume at another data-parallel size.
+so a run can resume at another data-parallel size. ``--keep-last`` prunes only this run's own checkpoints
+(``KeepLast``). A resume refuses, naming the differing fields, another model/layout or another LR schedule
+(unless ``--override-opt-param-scheduler``), and names the file and the earlier iterations when a file is corrupt.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -29,13 +32,101 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.utils import unwrap_model
 
+from megatron_visualchat.checkpoint.checksums import read_checksums, sha256, verify, write_checksums
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.layout import iteration_dir, rank_dir, read_tracker, write_tracker
+from megatron_visualchat.checkpoint.layout import (
+    TRACKER_FILE,
+    available,
+    iteration_dir,
+    latest_iteration,
+    rank_dir,
+    read_tracker,
+    replace_dir,
+    saved_iterations,
+    write_tracker,
+)
 
 RANK_FILE = "trainable.pt"
 META_FILE = "meta.json"
 # What must match for a resume: the data-parallel size alone may change.
 RESUME_KEYS = ("model", "tp", "pp", "vpp", "pp_layers")
+# The scheduler values a resume must keep unless --override-opt-param-scheduler, and the flags that set them
+# (steps count samples: iterations x --global-batch-size).
+SCHEDULE_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-fraction, --train-iters/--train-epochs, --global-batch-size",
+    "lr_decay_steps": "--train-iters/--train-epochs, --global-batch-size",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+    "end_wd": "--weight-decay",
+}
+# What the scheduler reads from megatron's param groups rather than from itself (this run's values win).
+GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from: its root directory (``--load`` or ``--save``) and iteration."""
+
+    root: Path
+    iteration: int
+
+
+def find_resume_point(load: Optional[str], save: Optional[str],
+                      load_iteration: Optional[int] = None) -> Optional[ResumePoint]:
+    """Where a run resumes: ``--load``, which must hold a checkpoint; else ``--save`` when it holds one; else
+    nowhere (None: a fresh start). ``load_iteration`` picks another saved iteration than the tracker's."""
+    if load:
+        root = Path(load)
+        if not (root / TRACKER_FILE).is_file():
+            raise CheckpointError(f"--load {load} holds no checkpoint ({root / TRACKER_FILE} not found): pass the "
+                                  "--save directory of the run to resume, or drop --load to start from scratch")
+    elif save and (Path(save) / TRACKER_FILE).is_file():
+        root = Path(save)
+    elif load_iteration is not None:
+        raise CheckpointError(f"--load-iteration {load_iteration}: there is no checkpoint to load (no --load, and "
+                              f"--save {save} holds none)")
+    else:
+        return None
+    if load_iteration is None:
+        return ResumePoint(root, latest_iteration(root))
+    if not iteration_dir(root, load_iteration).is_dir():
+        raise CheckpointError(f"--load-iteration {load_iteration}: {root} has no "
+                              f"{iteration_dir(root, load_iteration).name} ({available(root)})")
+    return ResumePoint(root, load_iteration)
+
+
+def resume_message(resume: Optional[ResumePoint]) -> str:
+    """What rank 0 says on start: the checkpoint a run continues from, or that it starts from scratch."""
+    if resume is None:
+        return "no checkpoint to resume from (no --load, and --save holds none): training starts from scratch"
+    return f"resuming from {iteration_dir(resume.root, resume.iteration)} (iteration {resume.iteration})"
+
+
+@dataclass
+class KeepLast:
+    """``--keep-last`` over this run's own checkpoints: those it saved and, when it resumed from the directory it
+    saves to, those up to the iteration it resumed from (its own history). Anything else in ``--save`` (another
+    run's checkpoints, or iterations above a ``--load-iteration`` resume point) is never deleted, and neither is
+    the newest save, which the tracker names. ``count`` 0 keeps everything."""
+
+    count: int
+    resumed_from: Optional[int] = None
+    written: list[int] = field(default_factory=list)
+
+    @classmethod
+    def for_run(cls, count: int, save: Optional[str], resume: Optional[ResumePoint]) -> "KeepLast":
+        same_dir = resume is not None and save is not None and Path(save).resolve() == resume.root.resolve()
+        return cls(count, resume.iteration if same_dir else None)
+
+    def to_delete(self, existing: list[int], newest: int) -> list[int]:
+        """``existing``: the saved iterations, ascending."""
+        if self.count <= 0:
+            return []
+        own = [i for i in existing if i in self.written or (self.resumed_from is not None and i <= self.resumed_from)]
+        keep = set(own[-self.count:]) | {newest}
+        return [i for i in own if i not in keep]
 
 
 def _rank_file(directory: Path) -> Path:
@@ -94,8 +185,8 @@ def _optimizer_state(optimizer, distributed: bool, has_trainable: bool) -> Optio
 
 def save_checkpoint(root: Union[str, Path], iteration: int, chunks: list, optimizer, scheduler, *,
                     consumed_samples: int, distributed_optimizer: bool, config_record: dict,
-                    keep_last: int = 3) -> Path:
-    """Collective: save ``iteration`` under ``root`` atomically, then keep only the ``keep_last`` newest (0: all)."""
+                    keep_last: KeepLast) -> Path:
+    """Collective: save ``iteration`` under ``root`` atomically (checksums last), then prune per ``keep_last``."""
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = root / f".tmp_{final.name}"
@@ -105,6 +196,7 @@ def save_checkpoint(root: Union[str, Path], iteration: int, chunks: list, optimi
     dist.barrier()
     has_trainable = any(_trainable_names(model) for model in unwrap_model(chunks))
     optimizer_state = _optimizer_state(optimizer, distributed_optimizer, has_trainable)
+    digest = None
     if ps.get_data_parallel_rank() == 0:
         path = _rank_file(tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,33 +205,58 @@ def save_checkpoint(root: Union[str, Path], iteration: int, chunks: list, optimi
             "model": trainable_state_dict(chunks), "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(), "rng": rng_state(),
         }, path)
-    dist.barrier()
+        digest = (path.relative_to(tmp).as_posix(), sha256(path))
+    digests = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(digest, digests, dst=0)  # rank 0 also learns that every rank file is written
+    keep_last.written.append(iteration)
     if dist.get_rank() == 0:
         meta = {"iteration": iteration, "consumed_samples": consumed_samples, **config_record}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_checksums(tmp, {**dict(d for d in digests if d is not None), META_FILE: sha256(tmp / META_FILE)})
+        replace_dir(tmp, final)
         write_tracker(root, iteration)
-        _prune(root, keep_last)
+        for old in keep_last.to_delete(saved_iterations(root), iteration):
+            shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    iters = sorted(int(d.name[5:]) for d in root.iterdir() if d.name.startswith("iter_") and d.name[5:].isdigit())
-    for it in iters[:-keep_last]:
-        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    """``dotted.path: saved X, this run Y`` for every leaf that differs between two JSON-like records."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += differences(saved.get(key, _ABSENT), current.get(key, _ABSENT), f"{path}.{key}" if path else key)
+        return out
+    return [] if saved == current else [f"{path}: saved {_show(saved)}, this run {_show(current)}"]
 
 
 def check_compatible(meta: dict, config_record: dict, directory: Path) -> None:
     """Refuse a checkpoint from another model config or layout (only the data-parallel size may change)."""
-    for key in RESUME_KEYS:
-        if meta.get(key) != config_record.get(key):
-            raise CheckpointError(f"checkpoint {directory} was saved with {key}={meta.get(key)!r}, this run has "
-                                  f"{key}={config_record.get(key)!r}; only the data-parallel size may change on "
-                                  "resume")
+    current = json.loads(json.dumps({key: config_record.get(key) for key in RESUME_KEYS}))  # tuples as in JSON
+    diffs = differences({key: meta.get(key) for key in RESUME_KEYS}, current)
+    if diffs:
+        raise CheckpointError(f"checkpoint {directory} was saved with another model or layout (only the "
+                              f"data-parallel size may change on resume): {'; '.join(diffs)}. Resume with the saved "
+                              "settings, or pass another --save to start a new run")
+
+
+def check_schedule(saved: dict, fresh: dict, path: Path) -> None:
+    """Refuse a resume whose LR / weight-decay schedule differs from the saved one (megatron would silently keep
+    the saved one: a longer --train-iters would then train its extra steps at the final lr)."""
+    diffs = [f"{key}: saved {saved.get(key)!r}, this run {fresh[key]!r} ({flag})"
+             for key, flag in SCHEDULE_FLAGS.items() if saved.get(key) != fresh[key]]
+    if diffs:
+        raise CheckpointError(f"{path} was saved with another learning-rate schedule: {'; '.join(diffs)}. Pass "
+                              "--override-opt-param-scheduler to train on with this run's schedule (the step count "
+                              "carries on from the checkpoint), or resume with the saved flags")
 
 
 def _unshare_adam_steps(optimizer) -> None:
@@ -166,21 +283,44 @@ def _load_dp_zero_state(part, param_state) -> None:
             inner[p]["step"] = step
 
 
+def _fix_for(root: Path, iteration: int) -> str:
+    """What to do when a file of ``iteration`` is damaged."""
+    others = [i for i in saved_iterations(root) if i != iteration]
+    if not others:
+        return f"no other iteration is saved in {root}: start from scratch with another --save"
+    return f"resume from an earlier iteration with --load-iteration N (available: {', '.join(map(str, others))})"
+
+
 def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, *, distributed_optimizer: bool,
                     config_record: dict, iteration: Optional[int] = None) -> dict:
-    """Restore trainable weights, optimizer, scheduler and RNG from ``iteration`` (default: the tracker's).
-    Returns {"iteration", "consumed_samples"}."""
+    """Restore trainable weights, optimizer, scheduler and RNG from ``iteration`` (default: the tracker's), after
+    checking every file it reads against ``SHA256SUMS``, the config and the LR schedule. Returns {"iteration",
+    "consumed_samples"}."""
+    root = Path(root)
     iteration = read_tracker(root) if iteration is None else iteration
     directory = iteration_dir(root, iteration)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path} not found: {root} is not a training checkpoint (a converted base LLM "
                               "is loaded with --llm-load)")
-    check_compatible(json.loads(meta_path.read_text()), config_record, directory)
+    fix = _fix_for(root, iteration)
+    digests = read_checksums(directory, fix, warn=dist.get_rank() == 0)
+    verify(directory, META_FILE, digests, fix)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is corrupt (cannot be read: {e}): {fix}") from None
+    check_compatible(meta, config_record, directory)
     path = _rank_file(directory)
     if not path.is_file():
         raise CheckpointError(f"{path} not found: {directory} was saved with another tensor/pipeline layout")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    verify(directory, path.relative_to(directory).as_posix(), digests, fix)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, IndexError ... for a damaged file
+        raise CheckpointError(f"{path} is corrupt (cannot be read: {type(e).__name__}: {e}): {fix}") from e
+    if not scheduler.override_opt_param_scheduler:
+        check_schedule(state["scheduler"], scheduler.state_dict(), path)
     for model, saved in zip(unwrap_model(chunks), state["model"]):
         expected = _trainable_names(model)
         if set(saved) != expected:
@@ -195,9 +335,13 @@ def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, 
 
 
 def _load_optimizer(optimizer, opt: dict, distributed_optimizer: bool) -> None:
-    # Rebuild fp32 main params from the restored weights, then the optimizer state on top.
+    # Rebuild fp32 main params from the restored weights, then the optimizer state on top; the schedule values
+    # megatron keeps in the param groups stay this run's (equal to the saved ones unless overriding).
     optimizer.reload_model_params()
+    schedule = [{k: g[k] for k in GROUP_SCHEDULE_KEYS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(opt["common"])
+    for group, values in zip(optimizer.param_groups, schedule):
+        group.update(values)
     if distributed_optimizer:
         _unshare_adam_steps(optimizer)
         for part, param_state in zip(_parts(optimizer), opt["param_state"]):

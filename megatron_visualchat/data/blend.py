@@ -10,6 +10,7 @@ share of ``total_samples`` by ``weight``), then group, then shuffle all items to
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 
@@ -42,6 +43,32 @@ class DatasetSpec:
         if unknown:
             raise ValueError(f"dataset spec keys {sorted(unknown)} are not among {sorted(allowed)}")
         return cls(**spec)
+
+
+SPEC_SYNTAX = "FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]] or a JSON list of dataset specs"
+
+
+def parse_spec_text(text: str) -> list[dict]:
+    """Dataset spec dicts from a command-line value (``SPEC_SYNTAX``), for ``DatasetSpec.coerce``."""
+    try:
+        if text.lstrip().startswith("["):
+            specs = json.loads(text)
+            if not all(isinstance(s, dict) for s in specs):
+                raise ValueError("the JSON list must hold objects")
+            return specs
+        parts = text.split(":")
+        if not 2 <= len(parts) <= 5 or not parts[0] or not parts[1]:
+            raise ValueError(f"{len(parts)} ':'-separated field(s)")
+        spec: dict = {"format": parts[0], "path": parts[1]}
+        if len(parts) > 2 and parts[2]:
+            spec["weight"] = float(parts[2])
+        if len(parts) > 3 and parts[3]:
+            spec["num_samples"] = parts[3] if parts[3] == "all" else int(parts[3])
+        if len(parts) > 4 and parts[4]:
+            spec["concat"] = int(parts[4])
+        return [spec]
+    except ValueError as e:  # json.JSONDecodeError is one too
+        raise ValueError(f"dataset spec {text!r}: {e}; expected {SPEC_SYNTAX}") from None
 
 
 class BlendPlan:

@@ -2,9 +2,11 @@
 
 Bad records never stop training: a record that fails (see ``errors.SKIP_REASONS``) is dropped from its
 concatenation group, counted in ``dataset.skipped`` and warned about once per reason; if nothing of the item is
-left, the next plan item is used instead (deterministically). In ``strict`` mode (validation) the first bad record
-raises SampleError naming its file and index. Counts in ``dataset.skipped`` are per process; with DataLoader
-workers read the aggregated ``VisualChatDataLoader.skipped`` (each sample also carries its own ``skipped`` dict).
+left, the next plan item is used instead (deterministically). Counts are of distinct records, keyed by (dataset,
+record index), so a bad record met again in a later epoch is not counted again. In ``strict`` mode
+(``--strict-data``) the first bad record raises SampleError naming its file and index. Counts in
+``dataset.skipped`` are per process; with DataLoader workers read the aggregated ``VisualChatDataLoader.skipped``
+(each sample carries the records skipped while building it, as ``skipped``: {(dataset, record): reason}).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .conversation import Conversation
 from .encode import ConversationEncoder
 from .errors import SampleError, SkipLog
 from .formats import ConversationSource, open_source
-from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .templates import Template
 
 
@@ -34,79 +36,86 @@ class VisualChatDataset(Dataset):
         seed: int = 0,
         strict: bool = False,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_consecutive_skips: int = 1000,
     ):
         if len(plan) == 0:
             raise ValueError("empty blend plan")
         self.sources, self.plan, self.encoder = sources, plan, encoder
         self.seed, self.strict = seed, strict
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.max_image_bytes = max_image_pixels, max_image_bytes
         self.max_consecutive_skips = max_consecutive_skips
-        self._log = SkipLog()
+        self.skip_log = SkipLog()
 
     @property
     def skipped(self) -> Counter:
-        """reason -> number of records skipped in this process."""
-        return self._log.counts
+        """reason -> number of distinct records skipped in this process."""
+        return self.skip_log.counts
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, index: int) -> dict:
         """{"input_ids", "labels" (aligned with input_ids, not shifted), "image_positions", "images" (PIL RGB),
-        "index" (plan item actually used), "skipped" (reason -> count met while building this sample)}."""
+        "index" (plan item actually used), "skipped" ({(dataset, record): reason} met while building this sample)}."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range ({len(self)} samples)")
-        skipped: Counter = Counter()
+        skipped: dict = {}
         for attempt in range(min(self.max_consecutive_skips, len(self))):
             item = (index + attempt) % len(self)
-            sample = self._build(item, skipped)
+            sample = self.build_item(item, skipped)
             if sample is not None:
-                sample.update(index=item, skipped=dict(skipped))
+                sample.update(index=item, skipped=skipped)
                 return sample
         raise RuntimeError(
             f"{min(self.max_consecutive_skips, len(self))} consecutive samples from index {index} were unusable: "
-            f"{dict(skipped)} (see the warnings for the first file/record of each reason)"
+            f"{dict(Counter(skipped.values()))} (see the warnings for the first file/record of each reason)"
         )
 
-    def _skip(self, error: SampleError, skipped: Counter) -> None:
+    def _skip(self, error: SampleError, key: tuple, skipped: dict) -> None:
         if self.strict:
             raise error
-        self._log.record(error)
-        skipped[error.reason] += 1
+        self.skip_log.record(error, key)
+        skipped[key] = error.reason
 
-    def _build(self, item: int, skipped: Counter) -> dict | None:
+    def build_item(self, item: int, skipped: dict | None = None) -> dict | None:
+        """Plan item ``item`` as a sample without "index"/"skipped", or None when none of its records is usable.
+        Skipped records are counted and added to ``skipped`` ({(dataset, record): reason})."""
+        skipped = {} if skipped is None else skipped
         source_id, members = self.plan.item(item)
         source = self.sources[source_id]
         rng = random.Random(f"{self.seed}:{int(self.plan.item_ids[item])}")
         parts: list[Conversation] = []
+        keys: list[tuple[int, int]] = []  # (dataset, record) of each part
         for record in members:
+            key = (source_id, int(record))
             try:
-                parts.append(source.conversation(int(record), rng))
+                parts.append(source.conversation(key[1], rng))
+                keys.append(key)
             except SampleError as e:
-                self._skip(e, skipped)
+                self._skip(e, key, skipped)
         while parts:
             conv = Conversation.concat(parts) if len(parts) > 1 else parts[0]
             try:
                 encoded = self.encoder.encode(conv)
             except SampleError as e:  # the first round, i.e. the first part's, does not fit
-                self._skip(SampleError(e.reason, e.detail, parts[0].origin), skipped)
-                parts.pop(0)
+                self._skip(SampleError(e.reason, e.detail, parts[0].origin), keys[0], skipped)
+                del parts[0], keys[0]
                 continue
             kept = conv.first_rounds(encoded.num_rounds)
             images, failed = [], None
             for rnd, member in zip(kept.rounds, kept.members):
                 for ref in rnd.images:
                     try:
-                        images.append(load_image(ref, self.max_image_pixels))
+                        images.append(load_image(ref, self.max_image_pixels, self.max_image_bytes))
                     except SampleError as e:
                         failed = member
-                        self._skip(e.at(parts[member].origin), skipped)
+                        self._skip(e.at(parts[member].origin), keys[member], skipped)
                         break
                 if failed is not None:
                     break
             if failed is not None:
-                parts.pop(failed)
+                del parts[failed], keys[failed]
                 continue
             return {
                 "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
@@ -131,6 +140,7 @@ def build_train_dataset(
     split: str = "train",
     strict: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> VisualChatDataset:
     """Open every dataset, build the seeded blend plan and return its ``split`` ("train", "eval" or "all").
 
@@ -150,4 +160,5 @@ def build_train_dataset(
         tokenizer, template, max_seq_len=max_seq_len, num_image_tokens=num_image_tokens,
         max_images=max_images_per_sample,
     )
-    return VisualChatDataset(sources, plan, encoder, seed=seed, strict=strict, max_image_pixels=max_image_pixels)
+    return VisualChatDataset(sources, plan, encoder, seed=seed, strict=strict, max_image_pixels=max_image_pixels,
+                             max_image_bytes=max_image_bytes)

@@ -12,6 +12,9 @@ policy (documented choices):
   ``Image.MAX_IMAGE_PIXELS``, ~89 MP) is rejected from the header alone, before decoding, as ``image_too_large``.
   Downscaling would still decode the full bitmap (a decompression bomb is exactly that), so refusing is the only
   memory-safe choice.
+* Encoded bytes are capped too (``max_bytes``, default 64 MiB), before they are read: a file is ``stat``-ed first
+  and read for at most cap + 1 bytes, a base64 entry's length is known from the store's index. Files named by
+  records stay inside their image directory and must be regular files (``files.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import SampleError
+from .files import FileRefused, confined, read_regular_file
 from .lazy import index_base64_tsv, index_json_string_map, read_range
 
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
+# files.FileRefused.problem -> skip reason
+FILE_SKIP_REASONS = {"missing": "missing_image", "outside_root": "image_outside_root",
+                     "not_regular": "image_not_a_file", "too_large": "image_too_large"}
 
 
 class ImageRef(Protocol):
@@ -41,33 +49,45 @@ class ImageRef(Protocol):
     def name(self) -> str:
         """A short stable name (file name or id), used to match images across datasets and in messages."""
 
-    def read_bytes(self) -> bytes:
-        """The encoded image file; raises SampleError('missing_image' / 'corrupt_image')."""
+    def read_bytes(self, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+        """The encoded image (at most ``max_bytes``); raises SampleError with a reason of ``errors.SKIP_REASONS``."""
 
 
 @dataclass(frozen=True)
 class FileImage:
+    """An image file; with ``root`` (an image directory's) the path must resolve inside it."""
+
     path: str
+    root: str | None = None
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
         try:
-            with open(self.path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise SampleError("missing_image", f"image file not found: {self.path}") from None
-        except (IsADirectoryError, PermissionError) as e:
-            raise SampleError("missing_image", f"cannot read image file {self.path}: {e}") from None
+            path = self.path if self.root is None else confined(self.path, self.root)
+            return read_regular_file(path, max_bytes)
+        except FileRefused as e:
+            raise SampleError(FILE_SKIP_REASONS[e.problem], str(e)) from None
 
 
-def _b64decode(text: str | bytes, label: str) -> bytes:
+def _check_encoded_size(length: int, max_bytes: int, label: str) -> None:
+    """Refuse base64 text that cannot decode to at most ``max_bytes`` (4 characters per 3 bytes, plus slack for line
+    breaks and JSON escapes), before it is read or decoded."""
+    if length > 2 * max_bytes + 16:
+        raise SampleError("image_too_large", f"image {label}: {length} base64 characters, over the cap of "
+                                             f"{max_bytes} bytes")
+
+
+def _b64decode(text: str | bytes, label: str, max_bytes: int) -> bytes:
     try:
-        return base64.b64decode(text, validate=False)
+        data = base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as e:
         raise SampleError("corrupt_image", f"bad base64 for image {label}: {e}") from None
+    if len(data) > max_bytes:
+        raise SampleError("image_too_large", f"image {label} is {len(data)} bytes > cap {max_bytes}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -81,8 +101,9 @@ class InlineImage:
     def name(self) -> str:
         return self.label
 
-    def read_bytes(self) -> bytes:
-        return _b64decode(self.data, self.label)
+    def read_bytes(self, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+        _check_encoded_size(len(self.data), max_bytes, self.label)
+        return _b64decode(self.data, self.label, max_bytes)
 
 
 @dataclass(frozen=True)
@@ -94,12 +115,12 @@ class StoredImage:
     def name(self) -> str:
         return self.key
 
-    def read_bytes(self) -> bytes:
-        return self.store.read(self.key)
+    def read_bytes(self, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+        return self.store.read(self.key, max_bytes)
 
 
 class ImageDirectory:
-    """Images as files ``root/filename_format.format(id=..., id_suffix=...)``.
+    """Images as files ``root/filename_format.format(id=..., id_suffix=...)``, confined to ``root``.
 
     ``id_suffix`` is the id after its last '_' (MIMIC-IT CGD: ``CGD_IMG_000000000139`` -> COCO
     ``000000000139.jpg`` with ``filename_format="{id_suffix}.jpg"``).
@@ -113,7 +134,8 @@ class ImageDirectory:
 
     def ref(self, key: str) -> FileImage:
         key = str(key)
-        return FileImage(os.path.join(self.root, self.filename_format.format(id=key, id_suffix=key.rsplit("_", 1)[-1])))
+        name = self.filename_format.format(id=key, id_suffix=key.rsplit("_", 1)[-1])
+        return FileImage(os.path.join(self.root, name), root=self.root)
 
 
 class Base64ImageStore:
@@ -132,18 +154,19 @@ class Base64ImageStore:
     def ref(self, key: str) -> StoredImage:
         return StoredImage(self, str(key))
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
         try:
             offset, length = self._index[key]
         except KeyError:
             raise SampleError("missing_image", f"image id {key!r} not in {self.path}") from None
+        _check_encoded_size(length, max_bytes, f"{key} in {self.path}")
         raw = read_range(self.path, offset, length)
         if b"\\" in raw:  # JSON string escapes (e.g. "\/" or "\n"), only possible in the JSON layout
             try:
                 raw = json.loads(b'"' + raw + b'"').encode("ascii", "ignore")
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SampleError("corrupt_image", f"bad JSON string for image {key} in {self.path}: {e}") from None
-        return _b64decode(raw, f"{key} in {self.path}")
+        return _b64decode(raw, f"{key} in {self.path}", max_bytes)
 
 
 def _tsv_store(path: str, filename_format: str) -> Base64ImageStore:
@@ -222,5 +245,7 @@ def decode_image(data: bytes, label: str, max_pixels: int = DEFAULT_MAX_IMAGE_PI
         raise SampleError("corrupt_image", f"cannot convert {label} (mode {im.mode}) to RGB: {e}") from None
 
 
-def load_image(ref: ImageRef, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    return decode_image(ref.read_bytes(), ref.name, max_pixels)
+def load_image(
+    ref: ImageRef, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> Image.Image:
+    return decode_image(ref.read_bytes(max_bytes), ref.name, max_pixels)

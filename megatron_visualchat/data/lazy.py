@@ -3,6 +3,10 @@
 Multi-GB annotation and base64 image files must not be parsed into millions of Python objects: that costs RAM per
 DataLoader worker (refcount writes defeat copy-on-write) and minutes at start-up. Instead we keep byte offsets in
 numpy arrays / small dicts and read one record from disk when it is asked for.
+
+Text must be UTF-8. A ``.json`` file is one document, so a byte that is not UTF-8 (like a syntax error) stops the
+setup with the file, byte offset and line; a ``.jsonl`` line is one record, so such a line is skipped and counted as
+``malformed_json`` like any line that does not parse.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import numpy as np
 
 from .errors import SampleError
+from .files import open_regular, read_regular_file
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:
@@ -43,7 +48,7 @@ class JsonlRecords:
     def __init__(self, path: str):
         self.path = path
         starts, lengths, line_numbers = [], [], []
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             offset = 0
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
@@ -65,7 +70,10 @@ class JsonlRecords:
         raw = read_range(self.path, int(self._starts[index]), int(self._lengths[index]))
         try:
             record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise SampleError("malformed_json", f"line is not UTF-8 at its byte {e.start} ({e.reason}); re-encode "
+                                                f"the file as UTF-8", self.where(index)) from None
+        except json.JSONDecodeError as e:
             raise SampleError("malformed_json", f"line does not parse as JSON ({e})", self.where(index)) from None
         if not isinstance(record, dict):
             raise SampleError("malformed_json", f"expected an object, got {type(record).__name__}", self.where(index))
@@ -102,11 +110,21 @@ class PackedRecords:
         return record
 
 
+def _not_utf8(path: str, data: bytes, error: UnicodeDecodeError) -> ValueError:
+    line = data.count(b"\n", 0, error.start) + 1
+    return ValueError(f"{path}: not UTF-8 at byte {error.start} (line {line}: {error.reason}, byte "
+                      f"{data[error.start:error.start + 1]!r}); re-encode the file as UTF-8 (e.g. iconv -f "
+                      f"<its encoding> -t utf-8)")
+
+
 def load_json(path: str):
-    """Parse a whole JSON document, failing with the file name (a broken annotation file is a setup error)."""
+    """Parse a whole JSON document (a regular file), failing with the file name and place: a broken annotation or
+    evaluation file is a setup error."""
+    data = read_regular_file(path)
     try:
-        with open(path, "rb") as f:
-            return json.load(f)
+        return json.loads(data)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data, e) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -139,7 +157,12 @@ def index_base64_tsv(path: str) -> dict[str, tuple[int, int]]:
                     raise ValueError(f"{path}:line {line_no}: expected 'id<TAB>base64', found no tab")
             else:
                 value_end = end - 1 if end > tab + 1 and mm[end - 1 : end] == b"\r" else end
-                index[mm[pos:tab].decode("utf-8").strip()] = (tab + 1, value_end - tab - 1)
+                try:
+                    key = mm[pos:tab].decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:line {line_no}: the id is not UTF-8 (byte {pos + e.start}: "
+                                     f"{e.reason}); re-encode the file as UTF-8") from None
+                index[key] = (tab + 1, value_end - tab - 1)
             pos = end + 1
     return index
 
@@ -186,7 +209,11 @@ def index_json_string_map(path: str) -> dict[str, tuple[int, int]]:
             if mm[pos : pos + 1] != b'"':
                 raise ValueError(f"{path}: expected a string key at byte {pos}")
             key_end = _string_end(mm, pos + 1, path)
-            key = json.loads(mm[pos : key_end + 1])
+            try:
+                key = json.loads(mm[pos : key_end + 1])
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: the key at byte {pos} is not UTF-8 (byte {pos + e.start}: {e.reason}); "
+                                 f"re-encode the file as UTF-8") from None
             pos = _skip_ws(mm, key_end + 1)
             if mm[pos : pos + 1] != b":":
                 raise ValueError(f"{path}: expected ':' after key {key!r} at byte {pos}")

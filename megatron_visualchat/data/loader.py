@@ -52,13 +52,14 @@ class ResumableShardedSampler(Sampler[int]):
 
 
 class _CollateWithSkips:
-    """Runs in the worker: collates and returns the skip counts of the batch's samples alongside."""
+    """Runs in the worker: collates and returns the records skipped for the batch's samples alongside
+    ({(dataset, record): reason})."""
 
     def __init__(self, collator: Callable):
         self.collator = collator
 
     def __call__(self, samples):
-        skipped = Counter()
+        skipped = {}
         for s in samples:
             skipped.update(s.get("skipped", {}))
         return self.collator(samples), skipped
@@ -67,7 +68,8 @@ class _CollateWithSkips:
 class VisualChatDataLoader:
     """Iterate for one epoch from the current position; iterate again for the next epoch.
 
-    ``skipped`` aggregates the skip counts of every batch yielded (from all workers) since construction.
+    ``skipped`` counts, by reason, the distinct records skipped for the batches yielded (from all workers) since
+    construction: a bad record met again in a later epoch is not counted again.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class VisualChatDataLoader:
         if self.usable == 0:
             raise ValueError(f"dataset has {len(dataset)} samples, fewer than one global batch of {self.global_batch}")
         self.skipped: Counter = Counter()
+        self._skipped_records: set = set()
         self.epoch, self.consumed = 0, 0
         self.seek(start_index)
 
@@ -123,7 +126,10 @@ class VisualChatDataLoader:
         )
         for batch, skipped in loader:
             self.consumed += self.global_batch
-            self.skipped.update(skipped)
+            for key, reason in skipped.items():
+                if key not in self._skipped_records:
+                    self._skipped_records.add(key)
+                    self.skipped[reason] += 1
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
 

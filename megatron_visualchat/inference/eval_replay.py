@@ -10,7 +10,9 @@ Input: a JSON object ``{conversation name: [round, ...]}``. A round is DS-Visual
 
 ``answer`` is the reference; without ``scorer`` a 4-number answer is scored with ``box_iou`` and text with
 ``exact_match``. A box refers to image ``box_image`` of the conversation (1-based; default the last one shown).
-Relative image paths are resolved against ``image_root`` (DS-VisualChat's files use paths relative to its repo).
+Image paths are resolved against ``image_root`` (DS-VisualChat's files use paths relative to its repo) and must
+stay inside it, symlinks resolved, and be regular files within the chat's byte cap: ``../``, an absolute path
+elsewhere, a FIFO or a device is an error naming the file, conversation and round. The file must be UTF-8 JSON.
 
 Each conversation starts from a cleared session, and each round's answer (the model's own) stays in the history,
 as in DS-VisualChat's ``batch_generation.py``. A round whose input fails (missing image, context full) is written
@@ -21,10 +23,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from megatron_visualchat.data.files import FileRefused, check_regular, confined
+from megatron_visualchat.data.images import DEFAULT_MAX_IMAGE_BYTES
+from megatron_visualchat.data.lazy import load_json
 from megatron_visualchat.inference.scoring import BOX_FORMATS, ScoreContext, get_scorer
 from megatron_visualchat.inference.session import ChatInputError, ChatSession
 
@@ -49,6 +55,18 @@ class EvalConversation:
 
 def _is_box(value) -> bool:
     return isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)
+
+
+def _image_path(name: str, where: str, image_root: Path) -> str:
+    """The image's real path inside ``image_root``. A file that is there must be a regular file within the byte
+    cap; a missing one is left to the replay (that round records the error and the conversation goes on)."""
+    try:
+        path = confined(os.path.join(image_root, name), str(image_root))
+        if os.path.exists(path):
+            check_regular(path, DEFAULT_MAX_IMAGE_BYTES)
+    except FileRefused as e:
+        raise ValueError(f"{where}: image {name!r}: {e}") from None
+    return path
 
 
 def _parse_round(raw, where: str, image_root: Path) -> EvalRound:
@@ -84,16 +102,16 @@ def _parse_round(raw, where: str, image_root: Path) -> EvalRound:
     box_image = raw.get("box_image")
     if box_image is not None and (not isinstance(box_image, int) or box_image < 1):
         raise ValueError(f"{where}: box_image={box_image!r} must be an image number >= 1")
-    paths = tuple(str(p if Path(p).is_absolute() else image_root / p) for p in images)
+    paths = tuple(_image_path(p, where, image_root) for p in images)
     return EvalRound(question, paths, reference, scorer, box_format, box_image)
 
 
 def load_eval_file(path: Union[str, Path], image_root: Union[str, Path, None] = None) -> list[EvalConversation]:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the evaluation file ({e})") from None
+        data = load_json(str(path))
+    except (OSError, ValueError) as e:  # missing, not a regular file, not UTF-8, not JSON: each names the place
+        raise ValueError(f"cannot read the evaluation file: {e}") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a non-empty object {{conversation name: [rounds]}}")
     root = Path(image_root) if image_root is not None else Path.cwd()

@@ -4,12 +4,15 @@ Input lines are commands or messages:
 
     /image PATH [PATH ...]   attach images to the next message (checked right away; quote paths with spaces)
     /images                  list the conversation's images and the attached ones
+    /detach                  drop the attached images (not sent yet)
     /clear  (or clear)       start a new conversation
     /quit   (or quit, exit, end of input)
     /help
     anything else            a message: sent with the attached images, the answer streams back
 
 Rank 0 reads image files itself and sends their bytes with the message, so other ranks need no access to them.
+Attached images stay attached until a message carrying them is answered: a refused message (too long for the
+context, say) keeps them for the retry.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from megatron_visualchat.inference.session import ChatInputError, ChatSession, l
 HELP = (
     "  /image PATH [PATH ...]  attach images to your next message\n"
     "  /images                 list images\n"
+    "  /detach                 drop the attached images\n"
     "  /clear                  new conversation\n"
     "  /quit                   leave\n"
 )
@@ -51,10 +55,14 @@ class ChatRepl:
             self.stdout.write(text + end)
             self.stdout.flush()
 
+    def _queued(self) -> str:
+        """The numbers the attached images will get, as ``+3 +4``."""
+        first = len(self.session.image_names) + 1
+        return " ".join(f"+{n}" for n in range(first, first + len(self.attached)))
+
     def _prompt(self) -> str:
         shown = " ".join(map(str, self.session.image_numbers)) or "none"
-        first = len(self.session.image_names) + 1
-        queued = " ".join(f"+{n}" for n in range(first, first + len(self.attached)))
+        queued = self._queued()
         return f"[images: {shown}{' | ' + queued if queued else ''}] you> "
 
     def _read(self) -> Optional[str]:
@@ -124,11 +132,14 @@ class ChatRepl:
                            for i, n in enumerate(names, start=1)]
                 self.say("\n".join(listing) or "  no images yet")
                 continue
+            if word == "/detach" and text.lower() == word:
+                self.say(f"  detached {len(self.attached)} image(s)" if self.attached else "  no images attached")
+                self.attached = []
+                continue
             if word in ("/help", "help", "?"):
                 self.say(HELP, end="")
                 continue
-            command, self.attached = ("ask", text, self.attached), []
-            return command
+            return ("ask", text, list(self.attached))
 
     def run(self) -> None:
         s = self.session
@@ -147,7 +158,10 @@ class ChatRepl:
                 turn = s.ask(text, images, on_text=(lambda t: self.say(t, end="")) if self.is_main else None)
             except ChatInputError as e:
                 self.say(f"\n  ! {e}")
+                if self.attached:
+                    self.say(f"  still attached: {self._queued()} (sent with your next message; /detach drops them)")
                 continue
+            self.attached = []
             stop = {"eos": "", "length": " · cut at max new tokens",
                     "context_full": " · context full: /clear to continue"}[turn.finish_reason]
             self.say(f"\n  [round {s.rounds} · {len(turn.token_ids)} tokens · {turn.seconds:.2f} s "

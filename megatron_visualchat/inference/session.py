@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from megatron_visualchat.config import ConfigError
 from megatron_visualchat.data.errors import SampleError
 from megatron_visualchat.data.images import FileImage, decode_image, to_rgb
 from megatron_visualchat.data.templates import Template, get_template
@@ -104,13 +105,13 @@ class ChatSession:
         check_inference_layout()
         llm = model.cfg.llm
         if tokenizer.vocab_size > llm.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                             f"{llm.vocab_size}: they do not belong together")
+            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                              f"{llm.vocab_size}: they do not belong together")
         if max_images < 0:
-            raise ValueError(f"max_images={max_images} must be >= 0")
-        max_length = max_length or llm.max_position_embeddings
+            raise ConfigError(f"max_images={max_images} (--max-images) must be >= 0")
+        max_length = llm.max_position_embeddings if max_length is None else max_length
         if max_length < 1:
-            raise ValueError(f"max_length={max_length} must be >= 1")
+            raise ConfigError(f"max_length={max_length} (--max-length) must be >= 1")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.template = get_template(template)
         self.sampling, self.max_images, self.reuse_cache = sampling, max_images, reuse_cache

@@ -8,6 +8,7 @@ and for the local backend the norms (``model/norms.py``: weights and outputs in 
 the stock module; state-dict keys stay those of megatron-core's GPT spec, so converted LLaMA checkpoints load
 unchanged.
 ``modality_norms`` (mPLUG-Owl2) swaps in per-modality norms and a layer that tells them which tokens are images.
+A ``LoraConfig`` with rank > 0 swaps each target linear for its LoRA subclass (``model/lora.py``), split or not.
 Room for a later ``cross`` mode (CrA / JAM-Cross): it adds the layer's cross-attention slots here.
 """
 
@@ -23,7 +24,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_visualchat.config import AttentionConfig, ConfigError
+from megatron_visualchat.config import AttentionConfig, ConfigError, LoraConfig
+from megatron_visualchat.model.lora import lora_linear_spec
 from megatron_visualchat.model.mmca.core_attention import MMCACoreAttention
 from megatron_visualchat.model.mmca.self_attention import ModalitySplitSelfAttention
 from megatron_visualchat.model.mmca.split_linear import (
@@ -45,11 +47,12 @@ def _base_spec(backend: str) -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-def get_mmca_layer_spec(attention: AttentionConfig) -> ModuleSpec:
+def get_mmca_layer_spec(attention: AttentionConfig, lora: LoraConfig = LoraConfig()) -> ModuleSpec:
     """A TransformerLayer spec for GPTModel from a validated ``AttentionConfig`` (``VisualChatConfig.validate``):
     ``mode`` mmca | causal picks the core attention; ``modality_split`` kv | qkv | qkvo adds image-side
     projections; ``backend`` local | te picks the base recipe; ``modality_norms`` adds per-modality input and
-    pre-MLP norms (mPLUG-Owl2; with ``causal`` + ``kv`` this is Owl2's modality-adaptive module)."""
+    pre-MLP norms (mPLUG-Owl2; with ``causal`` + ``kv`` this is Owl2's modality-adaptive module). ``lora.rank``
+    > 0 puts LoRA adapters on the ``lora.targets`` linears."""
     split, backend = attention.modality_split, attention.backend
     spec = copy.deepcopy(_base_spec(backend))
     attn = spec.submodules.self_attention
@@ -69,6 +72,13 @@ def get_mmca_layer_spec(attention: AttentionConfig) -> ModuleSpec:
         spec.submodules.pre_mlp_layernorm = norm
     if attention.modality_norms:
         spec.module = ModalityAwareTransformerLayer
+    if lora.rank:
+        mlp = spec.submodules.mlp.submodules
+        slots = {"qkv": (subs, "linear_qkv"), "proj": (subs, "linear_proj"), "fc1": (mlp, "linear_fc1"),
+                 "fc2": (mlp, "linear_fc2")}
+        for target in lora.targets:
+            owner, name = slots[target]
+            setattr(owner, name, lora_linear_spec(getattr(owner, name), lora))
     return spec
 
 

@@ -16,6 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_visualchat.config import TrainableConfig, VisualChatConfig, to_transformer_config
 from megatron_visualchat.model.gpt import build_gpt_model, stage_flags
 from megatron_visualchat.model.layer_specs import get_mmca_block_spec, get_mmca_layer_spec
+from megatron_visualchat.model.lora import add_vision_lora, is_lora_parameter
 from megatron_visualchat.model.splice import splice_image_embeddings
 from megatron_visualchat.model.token_codes import unpack_token_codes
 from megatron_visualchat.model.vision import build_vision_tower
@@ -30,7 +31,7 @@ class VisualChatModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.cfg = cfg
         self.pre_process, self.post_process = stage_flags(vp_stage)
-        spec = get_mmca_block_spec(config, get_mmca_layer_spec(cfg.attention), vp_stage)
+        spec = get_mmca_block_spec(config, get_mmca_layer_spec(cfg.attention, cfg.lora), vp_stage)
         self.language_model = build_gpt_model(cfg, spec, params_dtype=params_dtype, vp_stage=vp_stage,
                                               transformer_config=config)
         self.vision = None
@@ -45,6 +46,8 @@ class VisualChatModel(MegatronModule):
                     freeze_encoder=v.freeze_encoder and not cfg.trainable.vision_encoder,
                     projector_options=v.projector_options, encoder_weights=v.encoder_weights,
                 ).to(params_dtype)
+                if cfg.lora.vision_rank:
+                    add_vision_lora(self.vision.encoder, cfg.lora)
 
     @property
     def share_embeddings_and_output_weights(self) -> bool:  # read by megatron-core's finalize_model_grads
@@ -62,8 +65,8 @@ class VisualChatModel(MegatronModule):
                 runtime_gather_output: Optional[bool] = None):
         """``attention_mask`` carries the packed token codes; in KV-cache decode they cover the cached positions
         too and ``tokens`` are the last of them. Returns per-token loss [b, s] with labels on the last stage,
-        logits [b, s, V/TP] without (gathered with ``runtime_gather_output``), hidden states [s, b, h] on other
-        stages."""
+        logits [b, s, V/TP] without (gathered with ``runtime_gather_output``; vocabulary padding is -inf, see
+        ``model/gpt.py``), hidden states [s, b, h] on other stages."""
         decoder_input = None
         if self.pre_process:
             embeds = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
@@ -83,10 +86,12 @@ def apply_trainable_policy(model: VisualChatModel, trainable: TrainableConfig,
     """Set requires_grad by the policy; returns the trainable parameter names. ``embeddings`` trains the input
     embeddings, which (untied from the output layer, as in LLaMA-2) is DS-VisualChat's trainable embedding copy:
     the base rows stay in the frozen LLM checkpoint. ``new_token_rows_only`` trains just the rows of added
-    tokens (gradients of other rows are masked to zero)."""
+    tokens (gradients of other rows are masked to zero). LoRA adapters always train."""
     names = []
     for name, p in model.named_parameters():
-        if name.startswith("vision.projector."):
+        if is_lora_parameter(name):
+            on = True
+        elif name.startswith("vision.projector."):
             on = trainable.projector
         elif name.startswith("vision.encoder."):
             on = trainable.vision_encoder

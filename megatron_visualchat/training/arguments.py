@@ -10,8 +10,8 @@ from typing import Optional
 
 from megatron_visualchat.argtypes import int_list
 from megatron_visualchat.config import (
-    ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_PRESETS, MODALITY_SPLITS, AttentionConfig, ConfigError,
-    ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
+    ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_PRESETS, LORA_TARGETS, MODALITY_SPLITS, AttentionConfig,
+    ConfigError, LoraConfig, ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
 )
 from megatron_visualchat.training.run_config import TrainingConfig
 
@@ -27,6 +27,11 @@ def _trainable(text: str) -> TrainableConfig:
         raise argparse.ArgumentTypeError(f"unknown trainable part(s) {sorted(unknown)}; choose from "
                                          f"{sorted(TRAINABLE_PARTS)} or 'all'")
     return TrainableConfig(**{name: name in parts for name in TRAINABLE_PARTS})
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Comma-separated names (checked against their option tuple by the config)."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints of this run kept in --save (0: keep all)")
     g.add_argument("--export-dir", default=None,
                    help="after training, write a chat checkpoint (full weights merged over TP/PP, config, "
-                        "tokenizer) for `megatron-visualchat chat --load DIR`")
+                        "tokenizer) for `megatron-visualchat chat --load DIR`; LoRA adapters are merged into the "
+                        "weights")
+    g.add_argument("--export-adapters", default=None,
+                   help="after training, write the LoRA adapters unmerged (adapters.safetensors + "
+                        "adapter_config.json, with the run's other trainable tensors) for `megatron-visualchat chat "
+                        "--load BASE --adapters DIR` (docs/lora.md)")
     g = p.add_argument_group("metrics")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=4, help="global batches for the eval loss")
@@ -111,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trainable", type=_trainable, default=TrainableConfig(),
                    help="comma list of " + ",".join(sorted(TRAINABLE_PARTS)) + " or 'all' (default: projector, "
                         "image_projections)")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="LoRA adapters of this rank on the decoder's --lora-targets (0: none); the weights they adapt "
+                        "stay frozen unless --trainable llm (docs/lora.md)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale alpha/rank (decoder and vision)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the decoder adapters' input")
+    g.add_argument("--lora-targets", type=_names, default=LORA_TARGETS,
+                   help="decoder linears to adapt, comma list of " + ",".join(LORA_TARGETS))
+    g.add_argument("--vision-lora-rank", type=int, default=0,
+                   help="LoRA adapters of this rank on the vision encoder's blocks (0: none)")
+    g.add_argument("--vision-lora-targets", type=_names, default=LORA_TARGETS,
+                   help="vision block linears to adapt (timm attn.qkv, attn.proj, mlp.fc1, mlp.fc2), comma list of "
+                        + ",".join(LORA_TARGETS))
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[],
                    help="FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]], repeatable; or a JSON list of dataset specs")
@@ -165,8 +187,12 @@ def model_config(run: TrainingConfig, world_size: int, vocab_size: Optional[int]
                             encoder_weights=m.vision_weights),
         trainable=m.trainable,
         parallel=parallel_config(run, world_size),
+        lora=LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
+                        vision_rank=m.vision_lora_rank, vision_targets=m.vision_lora_targets),
     )
     cfg.validate(world_size)
+    if run.checkpoint.export_adapters and not cfg.lora.enabled:
+        raise ConfigError("--export-adapters writes LoRA adapters: give --lora-rank and/or --vision-lora-rank")
     dp, batch = cfg.parallel.dp, run.batch
     if batch.global_batch_size % (batch.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {batch.global_batch_size} is not divisible by micro-batch-size "

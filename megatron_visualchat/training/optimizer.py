@@ -40,8 +40,9 @@ def build_optimizer(chunks: list, run: TrainingConfig):
 
 def build_scheduler(optimizer, run: TrainingConfig, train_iters: int):
     """Cosine (or linear/constant) decay with linear warmup over ``lr_warmup_fraction`` of training; steps are
-    counted in samples like Megatron-LM, so resuming at another DP size keeps the schedule.
-    ``--override-opt-param-scheduler`` makes a resumed run keep these values instead of the checkpoint's."""
+    counted in samples like Megatron-LM, so resuming at another DP size keeps the schedule. On resume the saved
+    schedule must equal this one (``training_state.check_schedule``), unless ``--override-opt-param-scheduler``
+    makes these values win over the checkpoint's."""
     opt = run.optimizer
     total = train_iters * run.batch.global_batch_size
     warmup = int(math.floor(opt.lr_warmup_fraction * total))
@@ -50,4 +51,5 @@ def build_scheduler(optimizer, run: TrainingConfig, train_iters: int):
         lr_warmup_steps=warmup, lr_decay_steps=total, lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=total, wd_incr_style="constant",
         override_opt_param_scheduler=opt.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not opt.override_opt_param_scheduler,
     )

@@ -16,13 +16,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.utils import unwrap_model
 
 from megatron_visualchat.checkpoint import training_state
-from megatron_visualchat.checkpoint.chat import save_chat_checkpoint
+from megatron_visualchat.checkpoint.adapters import check_adapters_dir, save_adapters
+from megatron_visualchat.checkpoint.chat import check_export_dir, save_chat_checkpoint
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.layout import latest_iteration
 from megatron_visualchat.checkpoint.legacy_format import load_megatron_checkpoint
 from megatron_visualchat.config import VisualChatConfig
+from megatron_visualchat.model.lora import count_lora_parameters, lora_report, merge_lora
 from megatron_visualchat.model.mmca.split_linear import copy_text_weights_to_image
 from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_PAD
 from megatron_visualchat.model.visualchat import VisualChatModel, apply_trainable_policy
@@ -30,6 +32,7 @@ from megatron_visualchat.parallel import destroy_parallel, initialize_parallel
 from megatron_visualchat.training.accuracy import answer_accuracy
 from megatron_visualchat.training.arguments import model_config, parallel_config, parse_args
 from megatron_visualchat.training.data_setup import build_loaders, load_tokenizer
+from megatron_visualchat.training.dry_run import dry_run
 from megatron_visualchat.training.metrics import MetricsLogger
 from megatron_visualchat.training.optimizer import build_optimizer, build_scheduler, wrap_model
 from megatron_visualchat.training.run_config import TrainingConfig
@@ -81,7 +84,8 @@ def _reduce_loss(loss_dicts: list[dict]) -> float:
     ranks contribute)."""
     contributes = bool(loss_dicts) and ps.get_tensor_model_parallel_rank() == 0
     local = sum(float(d["lm loss"][0]) for d in loss_dicts) / max(len(loss_dicts), 1)
-    t = torch.tensor([local if contributes else 0.0, 1.0 if contributes else 0.0], dtype=torch.float64)
+    t = torch.tensor([local if contributes else 0.0, 1.0 if contributes else 0.0], dtype=torch.float64,
+                     device=torch.cuda.current_device())  # NCCL reduces device tensors only
     dist.all_reduce(t)
     return float(t[0] / t[1])
 
@@ -110,11 +114,23 @@ def evaluate(chunks: list, loader, run: TrainingConfig, num_microbatches: int) -
     return sum(losses) / len(losses)
 
 
+def _report_lora(chunks: list, cfg: VisualChatConfig) -> None:
+    """Rank 0 logs the adapter parameter counts, summed over one model replica (the ranks of data-parallel rank 0)."""
+    counts = [count_lora_parameters(c) for c in unwrap_model(chunks)] if ps.get_data_parallel_rank() == 0 else []
+    total = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.int64,
+                         device=torch.cuda.current_device())
+    dist.all_reduce(total)
+    if dist.get_rank() == 0:
+        print(lora_report(cfg, int(total[0]), int(total[1])), flush=True)
+
+
 def config_record(cfg: VisualChatConfig, run: TrainingConfig) -> dict:
     """What a checkpoint's ``meta.json`` records: the model and layout it must agree on to be resumed (everything
     but the data-parallel size), and the whole run config."""
     model = dataclasses.asdict(cfg)
     model.pop("parallel")
+    if not cfg.lora.enabled:  # records of runs without adapters stay as before LoRA existed (their resumes too)
+        model.pop("lora")
     return {"model": model, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp,
             "pp_layers": list(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None, "dp": cfg.parallel.dp,
             "run": run.to_dict()}
@@ -125,11 +141,12 @@ def train(run: TrainingConfig) -> dict:
     ...} (same values on all ranks)."""
     batch, ckpt = run.batch, run.checkpoint
 
-    # 1. tokenizer and config (the tokenizer's added tokens may enlarge the vocabulary)
+    # 1. tokenizer, config and data (the tokenizer's added tokens may enlarge the vocabulary)
     tokenizer = load_tokenizer(run)
     cfg = model_config(run, dist.get_world_size(), vocab_size=tokenizer.vocab_size)
     dp = cfg.parallel.dp
     num_microbatches = batch.global_batch_size // (batch.micro_batch_size * dp)
+    train_loader, eval_loader = build_loaders(run, cfg, tokenizer)  # before the model: bad data fails fast
 
     # 2. model, DDP, optimizer, schedule
     chunks = wrap_model(build_model_chunks(cfg, run, tuple(tokenizer.added_tokens.values())),
@@ -137,22 +154,30 @@ def train(run: TrainingConfig) -> dict:
                         fp16=run.precision.fp16, bf16=run.precision.bf16)
     optimizer = build_optimizer(chunks, run)
     _configure_schedule_hooks(chunks, optimizer, run.precision.fp16)
+    if cfg.lora.enabled:
+        _report_lora(chunks, cfg)
     record = config_record(cfg, run)
-    train_loader, eval_loader = build_loaders(run, cfg, tokenizer)
     train_iters = batch.train_iters or math.ceil(batch.train_epochs * len(train_loader.dataset) /
                                                  batch.global_batch_size)
     scheduler = build_scheduler(optimizer, run, train_iters)
 
-    # 3. resume
-    load_dir = ckpt.load or (ckpt.save if latest_iteration(ckpt.save) is not None else None)
+    # 3. resume (and refuse an --export-dir that cannot be written now, not after training)
+    if ckpt.export_dir:
+        check_export_dir(ckpt.export_dir)
+    if ckpt.export_adapters:
+        check_adapters_dir(ckpt.export_adapters)
+    resume = training_state.find_resume_point(ckpt.load, ckpt.save, ckpt.load_iteration)
     start = {"iteration": 0, "consumed_samples": 0}
-    if load_dir and latest_iteration(load_dir) is not None:
-        start = training_state.load_checkpoint(load_dir, chunks, optimizer, scheduler,
+    if resume is not None:
+        start = training_state.load_checkpoint(resume.root, chunks, optimizer, scheduler,
                                                distributed_optimizer=run.parallelism.use_distributed_optimizer,
-                                               config_record=record)
+                                               config_record=record, iteration=resume.iteration)
         train_loader.seek(start["consumed_samples"])
-    if dist.get_rank() == 0 and ckpt.save:
-        tokenizer.save(os.path.join(ckpt.save, "tokenizer"))
+    if dist.get_rank() == 0:
+        print(training_state.resume_message(resume), flush=True)
+        if ckpt.save:
+            tokenizer.save(os.path.join(ckpt.save, "tokenizer"))
+    keep_last = training_state.KeepLast.for_run(ckpt.keep_last, ckpt.save, resume)
 
     # 4. loop
     logger = MetricsLogger(enabled=dist.get_rank() == 0, total_iters=train_iters,
@@ -190,14 +215,16 @@ def train(run: TrainingConfig) -> dict:
             training_state.save_checkpoint(ckpt.save, iteration, chunks, optimizer, scheduler,
                                            consumed_samples=train_loader.consumed_samples,
                                            distributed_optimizer=run.parallelism.use_distributed_optimizer,
-                                           config_record=record, keep_last=ckpt.keep_last)
+                                           config_record=record, keep_last=keep_last)
         if exiting:
             break
     logger.close()
 
     # 5. export
     if ckpt.export_dir:
-        save_chat_checkpoint(chunks, tokenizer, ckpt.export_dir)
+        save_chat_checkpoint(chunks, tokenizer, ckpt.export_dir, state_dict=merge_lora)
+    if ckpt.export_adapters:
+        save_adapters(chunks, ckpt.export_adapters)
     return {"losses": losses, "eval_losses": eval_losses, "eval_accuracy": eval_accuracy, "iteration": iteration,
             "skipped": dict(train_loader.skipped), "dp": dp, "pp_rank": ps.get_pipeline_model_parallel_rank()}
 
@@ -205,6 +232,8 @@ def train(run: TrainingConfig) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     run = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if run.dry_run:
+        return dry_run(run, world)
     initialize_parallel(parallel_config(run, world), run.batch.seed)
     try:
         train(run)

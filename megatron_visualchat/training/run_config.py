@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_visualchat.config import TrainableConfig, dtype_from_flags, dtype_name
+from megatron_visualchat.config import LORA_TARGETS, TrainableConfig, dtype_from_flags, dtype_name
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class CheckpointConfig:
     exit_interval: Optional[int] = None
     keep_last: int = 3
     export_dir: Optional[str] = None
+    export_adapters: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,12 @@ class ModelConfig:
     attention_backend: str = "local"
     modality_norms: bool = False
     trainable: TrainableConfig = TrainableConfig()
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    vision_lora_rank: int = 0
+    vision_lora_targets: tuple[str, ...] = LORA_TARGETS
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """HF -> Megatron -> HF is bit-exact, .bin inputs convert like safetensors, every refusal happens before anything is
-written, and the CLI entry points (console script, tools/convert_checkpoint.py) work."""
+written, a full disk is reported as such (exit 1) with the partial output removed, and the CLI entry points
+(console script, tools/convert_checkpoint.py) work."""
 
+import errno
 import json
 import shutil
 import subprocess
@@ -9,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megatron_visualchat import cli
+from megatron_visualchat.checkpoint import convert
 from megatron_visualchat.checkpoint.convert import VISION_NOTE, hf_to_megatron, main, megatron_to_hf, parse_size
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.legacy_format import rank_file
+from megatron_visualchat.checkpoint.legacy_format import RankFileWriter, rank_file
 
 from .conftest import hf_logits
 
@@ -202,6 +206,41 @@ def test_megatron_to_hf_refusals_write_nothing(tiny_hf, tmp_path):
     with pytest.raises(CheckpointError, match="was not written by hf-to-megatron"):
         megatron_to_hf(tmp_path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def _fails_after(real, calls: int, error: Exception):
+    """``real`` until it has run ``calls`` times, then ``error`` (a disk that fills up half-way)."""
+    done = []
+
+    def call(*args, **kwargs):
+        if len(done) == calls:
+            raise error
+        done.append(calls)
+        return real(*args, **kwargs)
+    return call
+
+
+def test_full_disk_is_reported_as_such_and_leaves_no_partial_files(tiny_hf, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "mg"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(RankFileWriter, "write", _fails_after(RankFileWriter.write, 5,
+                                                              OSError(errno.ENOSPC, "No space left on device")))
+    assert main(["hf-to-megatron", "--hf-dir", str(tiny_hf), "--out", str(out), "--tp", "2", "--force"]) == 1
+    err = capsys.readouterr().err
+    assert f"hf-to-megatron: error: No space left on device ({out}); the partial output in {out} was removed: " \
+           f"free space on the filesystem of {out} or choose another --out" in err
+    assert "never written" not in err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+
+    mg = hf_to_megatron(tiny_hf, tmp_path / "mg2")
+    hf = tmp_path / "hf"
+    # safetensors 0.8 reports a failed write as a SafetensorError naming the OS error (seen for ENOENT: "(os error 2)")
+    monkeypatch.setattr(convert, "save_file", _fails_after(convert.save_file, 1, SafetensorError(
+        'Error while serializing: I/O error: No space left on device (os error 28) at path "x"')))
+    assert main(["megatron-to-hf", "--load", str(mg), "--out", str(hf), "--max-shard-size", "30KB"]) == 1
+    assert "megatron-to-hf: error: No space left on device (" in capsys.readouterr().err
+    assert list(hf.iterdir()) == []  # the first shard, written as *.partial.safetensors, is gone
 
 
 def test_parse_size():

@@ -1,5 +1,5 @@
 """Megatron's directory conventions shared by converted and training checkpoints: iteration and rank directory
-names, the tracker file, and the iteration a training run resumes from."""
+names, the tracker file, the iteration a training run resumes from, and putting a finished directory in place."""
 
 import pytest
 
@@ -10,6 +10,8 @@ from megatron_visualchat.checkpoint.layout import (
     latest_iteration,
     rank_dir,
     read_tracker,
+    replace_dir,
+    saved_iterations,
     write_tracker,
 )
 
@@ -41,3 +43,14 @@ def test_latest_iteration(tmp_path):
         latest_iteration(tmp_path)
     iteration_dir(tmp_path, 4).mkdir()
     assert latest_iteration(str(tmp_path)) == 4
+
+
+def test_saved_iterations_and_replace_dir(tmp_path):
+    for name in ("iter_0000010", "iter_0000002", ".tmp_iter_0000012", "tokenizer"):
+        (tmp_path / name).mkdir()
+    assert saved_iterations(tmp_path) == [2, 10] and saved_iterations(tmp_path / "absent") == []
+    (tmp_path / "iter_0000002" / "old.pt").write_text("old")
+    (tmp_path / ".tmp_iter_0000012" / "new.pt").write_text("new")
+    replace_dir(tmp_path / ".tmp_iter_0000012", tmp_path / "iter_0000002")  # an existing one is replaced whole
+    assert [p.name for p in (tmp_path / "iter_0000002").iterdir()] == ["new.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000010", "tokenizer"]

@@ -31,6 +31,7 @@ def files(tmp_path, write_png):
     (tmp_path / "garbage.png").write_bytes(b"\x89PNG but not really")
     full = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(full[: len(full) // 2])
+    (tmp_path / "folder.png").mkdir()
     return tmp_path
 
 
@@ -50,6 +51,8 @@ CASES = {  # case -> (bad record, expected reason); "unknown_role" uses a LLaVA 
     "image_count_mismatch": (
         {"rounds": [{"images": ["ok.png"], "question": "<image> <image>?", "answer": "a"}]}, "image_count_mismatch"),
     "missing_image": (one_image("does-not-exist.png"), "missing_image"),
+    "image_outside_root": (one_image("../ok.png"), "image_outside_root"),
+    "image_not_a_file": (one_image("folder.png"), "image_not_a_file"),
     "corrupt_image": (one_image("garbage.png"), "corrupt_image"),
     "truncated_image": (one_image("truncated.png"), "corrupt_image"),
     "image_too_large": (one_image("big.png"), "image_too_large"),
@@ -75,21 +78,46 @@ def test_bad_input_is_skipped_and_counted_by_reason(case, files, write_jsonl, to
     with caplog.at_level(logging.WARNING, logger="megatron_visualchat.data"):
         samples = [ds[i] for i in range(len(ds))]
     assert ds.skipped == {reason: 1}
-    assert sum(s["skipped"].get(reason, 0) for s in samples) == 1
+    assert [(key, r) for s in samples for key, r in s["skipped"].items()] == [((0, 0), reason)]
     assert all(len(s["images"]) == len(s["image_positions"]) == 1 for s in samples)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and reason in warnings[0]
     assert "d.jsonl:line 1" in warnings[0] or "llava.json[0]" in warnings[0]
 
 
-def test_warning_once_per_reason_but_every_skip_counted(files, write_jsonl, tok, caplog):
+def test_warning_once_per_reason_but_every_record_counted_once(files, write_jsonl, tok, caplog):
     path = write_jsonl("d.jsonl", [one_image("gone1.png"), one_image("gone2.png"), good()])
     ds = build_train_dataset([{"format": "jsonl", "path": path}], tok, num_image_tokens=4, max_seq_len=300)
     with caplog.at_level(logging.WARNING, logger="megatron_visualchat.data"):
-        for i in range(len(ds)):
-            ds[i]
-    assert ds.skipped["missing_image"] >= 2
+        for _ in range(2):  # a second pass meets the same bad records again
+            for i in range(len(ds)):
+                ds[i]
+    assert ds.skipped == {"missing_image": 2}
     assert len(caplog.records) == 1
+    assert [str(e) for _, e in ds.skip_log.examples["missing_image"]][0].startswith(path)
+
+
+def test_image_paths_stay_inside_the_image_root(tmp_path, write_png, write_jsonl, tok):
+    """``..``, an absolute path and a symlink out of the root are refused even when they name a real image."""
+    outside = write_png("secret.png")
+    write_png("data/ok.png")
+    (tmp_path / "data" / "link.png").symlink_to(outside)
+    path = write_jsonl("data/d.jsonl", [one_image("../secret.png"), one_image(outside), one_image("link.png"), good()])
+    ds = build_train_dataset([{"format": "jsonl", "path": path}], tok, num_image_tokens=4, max_seq_len=300)
+    samples = [ds[i] for i in range(len(ds))]
+    assert ds.skipped == {"image_outside_root": 3}
+    assert all(s["index"] == samples[0]["index"] for s in samples)  # only the good record is ever used
+    strict = build_train_dataset([{"format": "jsonl", "path": path}], tok, num_image_tokens=4, max_seq_len=300,
+                                 strict=True)
+    with pytest.raises(SampleError, match=r"d.jsonl:line [123]: image_outside_root: .*outside the root"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_encoded_bytes_are_capped_before_decoding(files, write_jsonl, tok):
+    path = write_jsonl("d.jsonl", [good(), good()])
+    ds = build_train_dataset([{"format": "jsonl", "path": path}], tok, num_image_tokens=4, max_seq_len=300,
+                             max_image_bytes=20)
+    assert ds.build_item(0) is None and ds.skipped == {"image_too_large": 1}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -135,7 +163,7 @@ def test_a_failing_member_is_dropped_and_the_rest_kept(files, write_jsonl, tok):
     sample = ds[0]
     text = tok.decode(sample["input_ids"])
     assert "a?" in text and "b?" not in text and "### Image 2:\n<image>\n\n### Question:\nc?" in text
-    assert ds.skipped == {"missing_image": 1} and sample["skipped"] == {"missing_image": 1}
+    assert ds.skipped == {"missing_image": 1} and sample["skipped"] == {(0, 1): "missing_image"}
     assert len(sample["images"]) == 2
 
 

@@ -1,6 +1,8 @@
 import base64
 import io
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from PIL import Image
 
 from megatron_visualchat.data import SampleError, decode_image, load_image, open_image_store
 from megatron_visualchat.data.images import FileImage, ImageDirectory, InlineImage
+from megatron_visualchat.data.files import FileRefused, read_regular_file
 
 
 def encode(im: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -130,3 +133,80 @@ def test_open_image_store_rejects_unknown_kinds(tmp_path):
         open_image_store(str(tmp_path / "x.zip"))
     with pytest.raises(ValueError, match="not found"):
         open_image_store(str(tmp_path / "missing.tsv"))
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+
+    def writer():  # opens the write end once someone reads, so that a reader that blocks gets EOF, not a hang
+        while not stop.is_set():
+            try:
+                return os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader yet
+                stop.wait(0.01)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        assert reason(lambda: FileImage(str(fifo)).read_bytes()) == "image_not_a_file"
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_directories_and_devices_are_not_image_files(tmp_path):
+    assert reason(lambda: FileImage(str(tmp_path)).read_bytes()) == "image_not_a_file"
+    with pytest.raises(SampleError, match="not a regular file") as e:
+        FileImage("/dev/null").read_bytes()  # a device: /dev/zero would be read until memory runs out
+    assert e.value.reason == "image_not_a_file"
+
+
+def test_encoded_bytes_are_capped_before_reading(tmp_path, png_bytes):
+    data = png_bytes(size=(16, 16))
+    (tmp_path / "a.png").write_bytes(data)
+    assert FileImage(str(tmp_path / "a.png")).read_bytes(max_bytes=len(data)) == data
+    with pytest.raises(SampleError, match=f"{len(data)} bytes > cap {len(data) - 1}") as e:
+        FileImage(str(tmp_path / "a.png")).read_bytes(max_bytes=len(data) - 1)
+    assert e.value.reason == "image_too_large"
+    inline = InlineImage(base64.b64encode(data).decode(), "inline")
+    assert inline.read_bytes(max_bytes=len(data)) == data
+    assert reason(lambda: inline.read_bytes(max_bytes=len(data) - 1)) == "image_too_large"
+    (tmp_path / "s.tsv").write_bytes(b"k\t" + base64.b64encode(data) + b"\n")
+    store = open_image_store(str(tmp_path / "s.tsv"))
+    assert store.ref("k").read_bytes(max_bytes=len(data)) == data
+    assert reason(lambda: store.ref("k").read_bytes(max_bytes=len(data) // 3)) == "image_too_large"  # not even read
+    assert reason(lambda: load_image(store.ref("k"), max_bytes=len(data) - 1)) == "image_too_large"
+
+
+def test_a_file_growing_past_the_cap_while_read_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "grows.bin"
+    path.write_bytes(b"x" * 10)
+    real_fstat = os.fstat
+
+    def fstat_then_grow(fd):  # the size checks pass, then the file grows before it is read
+        result = real_fstat(fd)
+        path.write_bytes(b"x" * 30)
+        return result
+
+    monkeypatch.setattr(os, "fstat", fstat_then_grow)
+    with pytest.raises(FileRefused, match="grew past the cap of 20 bytes") as e:
+        read_regular_file(str(path), max_bytes=20)
+    assert e.value.problem == "too_large"
+
+
+def test_image_directory_refs_stay_inside_the_root(tmp_path, png_bytes):
+    root = tmp_path / "images"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    (root / "ok.png").write_bytes(png_bytes((0, 0, 255)))
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    (root / "inner.png").symlink_to(root / "ok.png")
+    store = open_image_store(str(root))
+    assert (np.asarray(load_image(store.ref("inner.png"))) == [0, 0, 255]).all()  # a symlink inside is fine
+    assert (np.asarray(load_image(store.ref(str(root / "ok.png")))) == [0, 0, 255]).all()  # absolute, inside
+    for key in ("../secret.png", str(tmp_path / "secret.png"), "link.png", "/etc/passwd"):
+        with pytest.raises(SampleError, match="outside the root") as e:
+            load_image(store.ref(key))
+        assert e.value.reason == "image_outside_root"

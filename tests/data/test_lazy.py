@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -8,6 +9,7 @@ from megatron_visualchat.data.lazy import (
     PackedRecords,
     index_base64_tsv,
     index_json_string_map,
+    load_json,
     open_records,
     read_range,
 )
@@ -74,3 +76,37 @@ def test_tsv_index(tmp_path):
     path.write_bytes(b"a\tAAAA\nno tab here\n")
     with pytest.raises(ValueError, match="line 2"):
         index_base64_tsv(str(path))
+
+
+def test_a_json_file_that_is_not_utf8_names_file_byte_and_line(tmp_path):
+    path = tmp_path / "llava.json"
+    path.write_bytes(b'[{"a": "caf\xc3\xa9"},\n {"a": "caf\xe9"}]')  # UTF-8, then one Latin-1 byte on line 2
+    with pytest.raises(ValueError, match=r"llava.json: not UTF-8 at byte 28 \(line 2: .*b'\\xe9'.*re-encode"):
+        open_records(str(path))
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_one_malformed_record(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"x": 1}\n{"x": "caf\xe9"}\n{"x": 3}\n')
+    records = JsonlRecords(str(path))
+    assert records.get(0) == {"x": 1} and records.get(2) == {"x": 3}
+    with pytest.raises(SampleError, match=r"a.jsonl:line 2: malformed_json: line is not UTF-8 .*re-encode"):
+        records.get(1)
+
+
+def test_image_store_ids_that_are_not_utf8_name_the_place(tmp_path):
+    (tmp_path / "x.tsv").write_bytes(b"a\tAAAA\nb\xff\tBB\n")
+    with pytest.raises(ValueError, match=r"x.tsv:line 2: the id is not UTF-8 .*re-encode"):
+        index_base64_tsv(str(tmp_path / "x.tsv"))
+    (tmp_path / "m.json").write_bytes(b'{"k\xff": "AAAA"}')
+    with pytest.raises(ValueError, match=r"m.json: the key at byte 1 is not UTF-8 .*re-encode"):
+        index_json_string_map(str(tmp_path / "m.json"))
+
+
+def test_annotation_files_must_be_regular_files(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(ValueError, match="pipe.jsonl: not a regular file"):
+        open_records(str(tmp_path / "pipe.jsonl"))
+    os.mkfifo(tmp_path / "pipe.json")
+    with pytest.raises(ValueError, match="pipe.json: not a regular file"):
+        load_json(str(tmp_path / "pipe.json"))

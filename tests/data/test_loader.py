@@ -137,3 +137,16 @@ def test_fixed_length_batches_for_pipeline_parallel(dataset):
     packed = next(iter(loader(dataset, batch_size=4, pad_to=512, pack=True)))
     assert packed["tokens"].shape[1] == 512 and packed["sample_id"].max() >= 1
     assert np.array_equal(packed["position_ids"][0, :3].numpy(), [0, 1, 2])
+
+
+def test_a_bad_record_is_counted_once_however_many_epochs_meet_it(tmp_path, tok):
+    syn = generate_synthetic_dataset(str(tmp_path), num_samples=3, seed=1, image_size=16)
+    with open(syn.train_path, "a") as f:
+        f.write(json.dumps({"rounds": [{"images": ["images/missing.png"], "question": "q", "answer": "a"}]}) + "\n")
+    dataset = build_train_dataset([{"format": "jsonl", "path": syn.train_path}], tok, num_image_tokens=4,
+                                  max_seq_len=512, seed=3)
+    data_loader = loader(dataset)
+    assert len(dataset) == 4 and len(data_loader) == 2  # every item, the bad one included, in each epoch
+    for _ in range(2):
+        list(data_loader)
+    assert data_loader.skipped == {"missing_image": 1} and dataset.skipped == {"missing_image": 1}

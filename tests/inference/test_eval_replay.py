@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from megatron_visualchat.inference import eval_replay
 from megatron_visualchat.inference.eval_replay import (
     RoundRecord, load_eval_file, summarize, summary_table, write_csv, write_jsonl,
 )
@@ -22,18 +23,19 @@ def _write(tmp_path, data, name="eval.json"):
 
 
 def test_load_ds_visualchat_and_scored_rounds(tmp_path):
+    root = os.path.realpath(tmp_path / "data")
     path = _write(tmp_path, {
         "cats": [["Describe the image.", "a.jpg b.jpg"], ["Are they the same?"]],
-        "vqa": [{"question": "Colour?", "images": ["/abs/c.png"], "answer": ["red", "red", "dark red"],
+        "vqa": [{"question": "Colour?", "images": [f"{root}/sub/c.png"], "answer": ["red", "red", "dark red"],
                  "scorer": "vqa_accuracy"},
                 {"question": "Where is the cat?", "answer": [0.1, 0.2, 0.5, 0.9], "box_format": "normalized",
                  "box_image": 1},
                 {"question": "Name it.", "answer": "tom"}],
     })
-    cats, vqa = load_eval_file(path, image_root="/data")
-    assert cats.name == "cats" and cats.rounds[0].images == ("/data/a.jpg", "/data/b.jpg")
+    cats, vqa = load_eval_file(path, image_root=root)
+    assert cats.name == "cats" and cats.rounds[0].images == (f"{root}/a.jpg", f"{root}/b.jpg")
     assert cats.rounds[1].images == () and cats.rounds[1].scorer is None
-    assert vqa.rounds[0].images == ("/abs/c.png",) and vqa.rounds[0].scorer == "vqa_accuracy"
+    assert vqa.rounds[0].images == (f"{root}/sub/c.png",) and vqa.rounds[0].scorer == "vqa_accuracy"
     assert vqa.rounds[1].scorer == "box_iou" and vqa.rounds[1].box_format == "normalized"
     assert vqa.rounds[2].scorer == "exact_match"
 
@@ -52,6 +54,42 @@ def test_load_ds_visualchat_and_scored_rounds(tmp_path):
 def test_bad_files_name_the_place(tmp_path, data, match):
     with pytest.raises(ValueError, match=match):
         load_eval_file(_write(tmp_path, data))
+
+
+def test_image_paths_stay_inside_the_root(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"not for the model")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    for name in ("../secret.png", "../../../../etc/passwd", str(tmp_path / "secret.png"), "/etc/passwd", "link.png"):
+        path = _write(tmp_path, {"c": [["q"], ["Describe it.", f"ok.png {name}"]]})
+        with pytest.raises(ValueError, match=rf"eval.json: conversation 'c' round 2: image '{name}': .*outside the "
+                                             rf"root {root}"):
+            load_eval_file(path, image_root=root)
+
+
+def test_images_that_are_not_regular_files_are_refused_without_opening_them(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would block until a writer came
+    (tmp_path / "dir.png").mkdir()
+    for name in ("pipe.png", "dir.png"):
+        path = _write(tmp_path, {"c": [["Describe it.", name]]})
+        with pytest.raises(ValueError, match=rf"conversation 'c' round 1: image '{name}': .*not a regular file"):
+            load_eval_file(path, image_root=tmp_path)
+
+
+def test_images_over_the_byte_cap_are_refused_from_their_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_replay, "DEFAULT_MAX_IMAGE_BYTES", 4)
+    (tmp_path / "big.png").write_bytes(b"12345")
+    with pytest.raises(ValueError, match=r"round 1: image 'big.png': .*big.png: 5 bytes > cap 4"):
+        load_eval_file(_write(tmp_path, {"c": [["Describe it.", "big.png"]]}), image_root=tmp_path)
+
+
+def test_an_eval_file_that_is_not_utf8_names_the_byte_and_line(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_bytes(b'{"c": [\n ["Qu\xe9 es?"]]}')
+    with pytest.raises(ValueError, match=r"cannot read the evaluation file: .*eval.json: not UTF-8 at byte 13 "
+                                         r"\(line 2"):
+        load_eval_file(path)
 
 
 def _replay(tok_dir, eval_path, image_root, out_dir):

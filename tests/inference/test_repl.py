@@ -1,6 +1,6 @@
 """The chat REPL end to end through ``megatron-visualchat chat`` (cli.main) with a scripted terminal: images are
-checked when attached and numbered, answers stream, clear/quit work, and at TP=2 rank 0's input drives both
-ranks (same answers as TP=1, only rank 0 prints)."""
+checked when attached and numbered, answers stream, clear/quit work, a refused message keeps its images attached,
+and at TP=2 rank 0's input drives both ranks (same answers as TP=1, only rank 0 prints)."""
 
 import io
 import re
@@ -64,3 +64,23 @@ def test_rank0_drives_tensor_parallel_ranks(chat_ckpt, images, tmp_path):
 def test_images_on_the_command_line_and_end_of_input(chat_ckpt, images):
     out = run_parallel(_chat, args=(chat_ckpt, "Describe image 1.\n", ["--image", images[0], "--recompute"]))[0]
     assert "as image 1" in out and "recompute every round" in out and "[round 1 · " in out
+
+
+def test_a_refused_message_keeps_its_images_attached(chat_ckpt, images):
+    script = "\n".join([
+        f"/image {images[0]}",
+        "Describe image 1. " * 60,  # over the 260-position context: refused
+        "/images",
+        "What colour is image 1?",  # the retry carries image 1
+        f"/image {images[1]}",
+        "/detach",
+        "And now?",
+        "quit",
+    ]) + "\n"
+    out = run_parallel(_chat, args=(chat_ckpt, script, ["--max-length", "260"]))[0]
+    refused, retried = out.split("does not fit the context", 1)
+    assert "still attached: +1 (sent with your next message; /detach drops them)" in retried
+    assert "image 1: " + images[0] + "  (attached, not sent yet)" in retried
+    assert "[round 1 · " in retried and "[round 1 · " not in refused
+    assert "detached 1 image(s)" in retried and "[images: 1 | +2] you> " in retried
+    assert retried.count("[images: 1] you> ") == 3  # after round 1, after /detach, after round 2 (no new image)

@@ -1,10 +1,12 @@
 """ChatSession: later rounds reuse the KV cache and still equal a full recomputation (new image in round 2,
-text-only round 3), recompute-everything mode gives the same answers, bad input leaves the session usable,
-clear restarts reproducibly, streaming delivers the answer, and TP=2 equals TP=1."""
+text-only round 3), recompute-everything mode gives the same answers, bad input leaves the session usable, bad
+limits are configuration errors, clear restarts reproducibly, streaming delivers the answer, and TP=2 equals
+TP=1."""
 
 import pytest
 import torch
 
+from megatron_visualchat.model.token_codes import NO_IMAGE
 from megatron_visualchat.testing.distributed import run_parallel
 
 from .tiny import build_model, full_logits, max_abs_diff, tiny_cfg
@@ -56,7 +58,7 @@ def test_later_rounds_reuse_the_cache_and_equal_full_recomputation(rounds_vs_ful
     for conf, r in rounds_vs_full.items():
         assert r["tokens"] == r["full_tokens"], conf
         assert r["err"] < 1e-4 * max(1.0, r["scale"]), (conf, r["err"])
-        assert r["new_images"] == [[1], [2], []] and r["image_ids"] == [-1, 0, 1]
+        assert r["new_images"] == [[1], [2], []] and r["image_ids"] == [NO_IMAGE, 0, 1]
         assert r["cache"] == r["history"] and r["pending"][-1] == 2  # cut-off answer closed with EOS (id 2)
 
 
@@ -70,6 +72,7 @@ def test_recompute_mode_gives_the_same_answers_but_prefills_everything(rounds_vs
 
 
 def _bad_inputs(tok_dir, images, tmp):
+    from megatron_visualchat.config import ConfigError
     from megatron_visualchat.data import VisualChatTokenizer
     from megatron_visualchat.inference.sampling import SamplingParams
     from megatron_visualchat.inference.session import ChatInputError, ChatSession
@@ -108,7 +111,14 @@ def _bad_inputs(tok_dir, images, tmp):
     expect_error("And a third?", [images[2]])
     session.clear()
     after_clear = session.ask("Describe image 1.", [images[0]]).token_ids
-    return dict(errors=errors, unchanged=lengths, got=[first, second], expected=expected, after_clear=after_clear)
+    refused = []
+    for limits in (dict(max_length=0), dict(max_images=-1)):
+        try:
+            ChatSession(model, tok, **limits)
+        except ConfigError as e:
+            refused.append(str(e))
+    return dict(errors=errors, unchanged=lengths, got=[first, second], expected=expected, after_clear=after_clear,
+                refused=refused)
 
 
 def test_bad_input_gets_a_clear_message_and_the_session_stays_usable(tok_dir, images, tmp_path):
@@ -123,6 +133,8 @@ def test_bad_input_gets_a_clear_message_and_the_session_stays_usable(tok_dir, im
     assert all(r["unchanged"]), r["unchanged"]
     # errors changed nothing: the same (sampled, seeded) answers as a session that never saw them
     assert r["got"] == r["expected"] and r["after_clear"] == r["expected"][0]
+    # option values out of range are configuration errors (the CLI refuses them), 0 positions included
+    assert r["refused"] == ["max_length=0 (--max-length) must be >= 1", "max_images=-1 (--max-images) must be >= 0"]
 
 
 def _streaming(tok_dir, images):

@@ -146,3 +146,30 @@ def test_modality_norms_scale_image_tokens_only():
     assert starts_as_copy and zero_without_images
     assert changed[:3] == [False, False, False]  # text before the image does not see it
     assert all(changed[3:])  # the image tokens and the text after them do
+
+
+def _tp_attributes(split):
+    from megatron_visualchat.model.gpt import build_gpt_model
+    from megatron_visualchat.model.layer_specs import get_mmca_layer_spec
+    from megatron_visualchat.testing.equivalence import current_parallel
+
+    attention = AttentionConfig(modality_split=split, modality_norms=True)
+    model = build_gpt_model(VisualChatConfig(llm=LLM, attention=attention, parallel=current_parallel()),
+                            get_mmca_layer_spec(attention))
+    return {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None))
+            for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("split", ["kv", "qkvo"])
+def test_tensor_parallel_attributes_follow_the_sharding_rules(split):
+    """megatron-core's gradient norm counts a parameter flagged ``tensor_model_parallel`` on every TP rank and any
+    other on TP rank 0 only: the flag and its dim must say how the parameter is really split (the checkpoint
+    sharding rules), image-side weights and modality norms included."""
+    from megatron_visualchat.checkpoint.sharding import split_kind
+
+    attributes = run_parallel(_tp_attributes, tp=2, args=(split,))[0]
+    expected = {"column": (True, 0), "glu": (True, 0), "row": (True, 1), "replicated": (False, None)}
+    assert any(n.endswith("self_attention.linear_qkv.image_weight") for n in attributes)
+    assert any(n.endswith("layernorm.image_weight") for n in attributes)
+    wrong = {n: a for n, a in attributes.items() if a != expected[split_kind(n)]}
+    assert not wrong, wrong

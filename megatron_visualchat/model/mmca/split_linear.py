@@ -6,6 +6,9 @@ LLaMA checkpoint loads unchanged); the image side is the extra parameter ``image
 sets ``routing`` (``token_codes.ImageRouting``, computed once per forward) before each forward; ``None`` or no image
 token runs the text path and adds ``0 * image_weight.sum()`` so the image side still gets a defined zero gradient
 (DDP buckets never stall).
+
+``image_weight`` carries megatron's tensor-parallel attributes like ``weight`` (split along the same dim): the
+gradient norm (clipping, logging) counts a TP-split parameter on every TP rank and a replicated one on rank 0 only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
@@ -55,6 +62,7 @@ class ModalitySplitColumnParallelLinear(ColumnParallelLinear):
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.head_dim = config.kv_channels
         self.image_weight = torch.nn.Parameter(self._text_rows_for_image().detach().clone())
+        set_tensor_model_parallel_attributes(self.image_weight, is_parallel=True, dim=0, stride=1)
         self.routing: Optional[ImageRouting] = None
 
     def _per_group(self, w: torch.Tensor) -> torch.Tensor:
@@ -92,6 +100,7 @@ class ModalitySplitRowParallelLinear(RowParallelLinear):
         super().__init__(input_size, output_size, config=config, **kwargs)
         _check_supported(self)
         self.image_weight = torch.nn.Parameter(self.weight.detach().clone())
+        set_tensor_model_parallel_attributes(self.image_weight, is_parallel=True, dim=1, stride=1)
         self.routing: Optional[ImageRouting] = None
 
     def copy_text_weight_to_image(self) -> None:

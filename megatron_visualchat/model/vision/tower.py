@@ -3,7 +3,8 @@
 With freeze_encoder=True (DS-VisualChat's recipe) the encoder's parameters have requires_grad=False, it runs under
 torch.no_grad (no activation memory kept for a backward it will never get) and always in eval mode, even when
 the tower is put in train mode: a frozen feature extractor should produce the same features for the same image
-(no dropout / drop-path noise it cannot learn from, features cacheable), exactly as at inference time.
+(no dropout / drop-path noise it cannot learn from, features cacheable), exactly as at inference time. LoRA
+adapters in a frozen encoder (``model/lora.py``) train: then it runs with autograd, still in eval mode.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class VisionTower(nn.Module):
         self.encoder.check_pixels(pixel_values)
         if pixel_values.shape[0] == 0:
             return self._no_images(pixel_values.device)
-        if self.freeze_encoder:
+        if self.freeze_encoder and not any(p.requires_grad for p in self.encoder.parameters()):
             with torch.no_grad():
                 features = self.encoder(pixel_values)
         else:

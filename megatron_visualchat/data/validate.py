@@ -1,0 +1,99 @@
+"""``megatron-visualchat validate-data``: check every record of a blend before training on it.
+
+Each record of each ``--data`` file is built once, alone, exactly as training builds it (parse, template and
+tokenize under ``--seq-length`` / ``--max-images``, open and decode the images it keeps), through the same
+``VisualChatDataset`` code. Weights, sample counts and concatenation are ignored: the question is which records
+training would skip. The report is the skip table by reason and the first offenders of each reason (file, record
+index, message). Exit status: 0 when every record is usable, 1 when any was skipped, 2 when the data cannot be
+opened at all (a missing or unparsable ``.json`` file, a bad spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from typing import Optional, Sequence, TextIO
+
+import numpy as np
+
+from .blend import SPEC_SYNTAX, BlendPlan, DatasetSpec, parse_spec_text
+from .dataset import VisualChatDataset
+from .encode import ConversationEncoder
+from .formats import open_source
+from .tokenizer import VisualChatTokenizer
+
+
+def scan(specs: list[DatasetSpec | dict], tokenizer, *, template: str = "dsvc", seq_length: int = 4096,
+         max_images: int = 8, image_tokens: int = 256, image_root: Optional[str] = None) -> VisualChatDataset:
+    """Build every record once; the returned dataset's ``skip_log`` holds the counts and first offenders.
+    ``image_root`` is the image store of every spec that names none (its ``images`` option)."""
+    specs = [DatasetSpec.coerce(s) for s in specs]
+    if image_root is not None:
+        specs = [s if "images" in s.options else replace(s, options={**s.options, "images": image_root})
+                 for s in specs]
+    sources = [open_source(s.format, s.path, **s.options) for s in specs]
+    items = [(d, np.asarray([r])) for d, source in enumerate(sources) for r in range(len(source))]
+    if not items:
+        raise ValueError(f"no records in {[s.path for s in specs]}")
+    encoder = ConversationEncoder(tokenizer, template, max_seq_len=seq_length, num_image_tokens=image_tokens,
+                                  max_images=max_images)
+    dataset = VisualChatDataset(sources, BlendPlan.from_items(items), encoder)
+    for item in range(len(dataset)):
+        dataset.build_item(item)
+    return dataset
+
+
+def report(dataset: VisualChatDataset, out: TextIO) -> int:
+    """Print the skip table and the first offenders; the number of records skipped."""
+    log, total = dataset.skip_log, len(dataset)
+    skipped = sum(log.counts.values())
+    out.write(f"{total} record(s) in {len(dataset.sources)} file(s): {total - skipped} usable, {skipped} skipped\n")
+    if not skipped:
+        return 0
+    out.write("\n| reason | records |\n|---|---:|\n")
+    for reason, count in log.counts.most_common():
+        out.write(f"| {reason} | {count} |\n")
+    out.write("\nfirst offenders (file, record index, message):\n")
+    for reason, _ in log.counts.most_common():
+        for (source_id, record), error in log.examples[reason]:
+            out.write(f"  {dataset.sources[source_id].path}  record {record}  {error}\n")
+    return skipped
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-visualchat validate-data",
+                                description="check every record of a blend as training builds it; print the "
+                                            "skipped records by reason (exit 0: clean, 1: some skipped, 2: unreadable)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", action="append", required=True, help=f"{SPEC_SYNTAX}; repeatable")
+    p.add_argument("--image-root", default=None,
+                   help="image directory or base64 store for specs without an 'images' option (default: each "
+                        "annotation file's directory)")
+    p.add_argument("--tokenizer-dir", required=True,
+                   help="the VisualChatTokenizer directory training uses (lengths are counted in its tokens)")
+    p.add_argument("--template", default="dsvc")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--max-images", type=int, default=8)
+    p.add_argument("--image-tokens", type=int, default=256,
+                   help="positions per image, as the model sees them (the projector's output tokens: 256 for "
+                        "qwen-vl-vit-bigg-14-448 + linear, 257 for clip-vit-l-14-224 + linear)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = stdout or sys.stdout
+    try:
+        specs = [s for text in args.data for s in parse_spec_text(text)]
+        dataset = scan(specs, VisualChatTokenizer.load(args.tokenizer_dir), template=args.template,
+                       seq_length=args.seq_length, max_images=args.max_images, image_tokens=args.image_tokens,
+                       image_root=args.image_root)
+    except (ValueError, OSError) as e:
+        out.write(f"validate-data: cannot read the data: {e}\n")
+        return 2
+    return 1 if report(dataset, out) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
