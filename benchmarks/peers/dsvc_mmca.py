@@ -1,11 +1,11 @@
 """DeepSpeed-VisualChat's MMCA as its code computes it: the eager peer of ``mmca_attention`` in the GPU suite.
 
-Re-implemented (our code) after the computation in DS-VisualChat's modified HF ``modeling_llama.py`` (``_expand_mask`` with
-``enable_mmca_attention``, ``_make_causal_mask``, ``LlamaAttention.forward``): two additive [B, 1, L, L] masks in
-the activation dtype (keys that are images / keys that are text, each plus the causal mask; an image query's image
-row keeps only its diagonal, set by a per-token Python loop with a host sync per position), then dense [B, H, L, L]
-scores, one masked copy and one float32 softmax per mask, both cast back to the activation dtype, added, times V.
-Only the prompt phase (Lq == Lk) is written, which is what training runs.
+Re-implemented (our code) after the computation in DS-VisualChat's modified HF ``modeling_llama.py``
+(``_expand_mask`` with ``enable_mmca_attention``, ``_make_causal_mask``, ``LlamaAttention.forward``): two additive
+[B, 1, L, L] masks in the activation dtype (keys that are images / keys that are text, each plus the causal mask; an
+image query's image row keeps only its diagonal, set by a per-token Python loop with a host sync per position), then
+dense [B, H, L, L] scores, one masked copy and one float32 softmax per mask, both cast back to the activation dtype,
+added, times V. Only the prompt phase (Lq == Lk) is written, which is what training runs.
 
 Where both branches have keys this equals ``mmca_attention_reference(image_rows="self+text", combine="sum")``.
 It differs where DS-VC's masks leave a branch without keys (docs/design/mmca.md, "Differences"): such a softmax

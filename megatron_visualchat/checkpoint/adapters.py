@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from megatron_visualchat.checkpoint.chat import config_to_dict, gather_full_state_dict, tp_slice
 from megatron_visualchat.checkpoint.checksums import CHECKSUM_FILE, read_checksums, sha256, verify, write_checksums
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.layout import replace_dir
+from megatron_visualchat.checkpoint.layout import check_replaceable_dir, replace_dir
 from megatron_visualchat.config import LORA_PAIRS, LoraConfig
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -58,13 +58,7 @@ def _base_record(cfg) -> dict:
 
 
 def check_adapters_dir(out_dir: Union[str, Path]) -> None:
-    """An export replaces its whole directory: refuse one that holds something else than adapters."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"adapters directory {out} exists and is not a directory: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not (out / ADAPTER_CONFIG_FILE).is_file():
-        raise CheckpointError(f"adapters directory {out} is not empty and holds no adapters ({ADAPTER_CONFIG_FILE} "
-                              "not found); an export replaces the whole directory: choose a new or empty one")
+    check_replaceable_dir(out_dir, ADAPTER_CONFIG_FILE, "adapters directory")
 
 
 def _trained(chunk) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from megatron_visualchat.checkpoint.checksums import read_checksums, sha256, verify, write_checksums
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.layout import replace_dir
+from megatron_visualchat.checkpoint.layout import check_replaceable_dir, replace_dir
 from megatron_visualchat.checkpoint.sharding import (
     merge_state_dicts,
     pad_vocab_rows,
@@ -95,13 +95,7 @@ def _own_state(model) -> dict[str, torch.Tensor]:
 
 
 def check_export_dir(out_dir: Union[str, Path]) -> None:
-    """An export replaces its whole directory: refuse one that holds something else than a chat checkpoint."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"export directory {out} exists and is not a directory: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
-        raise CheckpointError(f"export directory {out} is not empty and holds no chat checkpoint ({CONFIG_FILE} "
-                              "not found); an export replaces the whole directory: choose a new or empty one")
+    check_replaceable_dir(out_dir, CONFIG_FILE, "export directory")
 
 
 def gather_full_state_dict(model, state_dict: Optional[Callable] = None) -> Optional[dict[str, torch.Tensor]]:

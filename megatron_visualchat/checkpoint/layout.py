@@ -39,6 +39,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_replaceable_dir(out_dir: Union[str, Path], marker: str, what: str) -> None:
+    """An export replaces its whole directory: refuse a path that is a file, or a non-empty directory without
+    ``marker`` (the file every earlier export of this kind holds), so nothing else is ever deleted."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{what} {out} exists and is not a directory: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise CheckpointError(f"{what} {out} is not empty and holds no earlier export ({marker} not found); an "
+                              "export replaces the whole directory: choose a new or empty one")
+
+
 def write_tracker(root: Union[str, Path], iteration: int) -> None:
     """Through a temp file + rename, so a crash never leaves a half-written tracker."""
     path = Path(root) / TRACKER_FILE

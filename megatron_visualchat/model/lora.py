@@ -85,21 +85,26 @@ def fold(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -
 class _TensorParallelLora:
     """The adapter half of the four megatron LoRA linears (mixed in before the base class)."""
 
-    def _add_adapters(self, rank: int, alpha: float, dropout: float, *, split_input: bool) -> None:
-        """``split_input``: the base is row-parallel (its input is this rank's slice of the features)."""
+    split_input: bool  # row-parallel bases: the input (and so A) is split over the TP ranks
+
+    def __init__(self, input_size: int, output_size: int, *, config, lora_rank: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self._add_adapters(lora_rank, lora_alpha, lora_dropout)
+
+    def _add_adapters(self, rank: int, alpha: float, dropout: float) -> None:
         self.lora_scale = alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
-        self.split_input = split_input
         self.lora_pairs = tuple(p for p in LORA_PAIRS if getattr(self, p[0], None) is not None)
         tp, tp_rank = self.tp_group.size(), self.tp_group.rank()
         for weight_name, a_name, b_name in self.lora_pairs:
             weight = getattr(self, weight_name)
             out_local, in_local = weight.shape
-            a = _lora_a(rank, in_local * tp if split_input else in_local, weight,
-                        initialize=self.config.perform_initialization, part=(tp_rank, tp) if split_input else None)
+            a = _lora_a(rank, in_local * tp if self.split_input else in_local, weight,
+                        initialize=self.config.perform_initialization, part=(tp_rank, tp) if self.split_input else None)
             b = nn.Parameter(torch.zeros(out_local, rank, dtype=weight.dtype, device=weight.device))
-            set_tensor_model_parallel_attributes(a if split_input else b, is_parallel=True,
-                                                 dim=1 if split_input else 0, stride=1)
+            set_tensor_model_parallel_attributes(a if self.split_input else b, is_parallel=True,
+                                                 dim=1 if self.split_input else 0, stride=1)
             setattr(self, a_name, a)
             setattr(self, b_name, b)
 
@@ -143,10 +148,7 @@ class _TensorParallelLora:
 
 
 class LoraColumnParallelLinear(_TensorParallelLora, ColumnParallelLinear):
-    def __init__(self, input_size: int, output_size: int, *, config, lora_rank: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, **kwargs):
-        super().__init__(input_size, output_size, config=config, **kwargs)
-        self._add_adapters(lora_rank, lora_alpha, lora_dropout, split_input=False)
+    split_input = False
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         out, bias = super().forward(input_, weight, runtime_gather_output)
@@ -154,10 +156,7 @@ class LoraColumnParallelLinear(_TensorParallelLora, ColumnParallelLinear):
 
 
 class LoraRowParallelLinear(_TensorParallelLora, RowParallelLinear):
-    def __init__(self, input_size: int, output_size: int, *, config, lora_rank: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, **kwargs):
-        super().__init__(input_size, output_size, config=config, **kwargs)
-        self._add_adapters(lora_rank, lora_alpha, lora_dropout, split_input=True)
+    split_input = True
 
     def forward(self, input_: torch.Tensor):
         out, bias = super().forward(input_)
@@ -165,10 +164,7 @@ class LoraRowParallelLinear(_TensorParallelLora, RowParallelLinear):
 
 
 class LoraModalitySplitColumnParallelLinear(_TensorParallelLora, ModalitySplitColumnParallelLinear):
-    def __init__(self, input_size: int, output_size: int, *, config, lora_rank: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, **kwargs):
-        super().__init__(input_size, output_size, config=config, **kwargs)
-        self._add_adapters(lora_rank, lora_alpha, lora_dropout, split_input=False)
+    split_input = False
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         out, bias = super().forward(input_, weight, runtime_gather_output)
@@ -186,10 +182,7 @@ class LoraModalitySplitColumnParallelLinear(_TensorParallelLora, ModalitySplitCo
 
 
 class LoraModalitySplitRowParallelLinear(_TensorParallelLora, ModalitySplitRowParallelLinear):
-    def __init__(self, input_size: int, output_size: int, *, config, lora_rank: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, **kwargs):
-        super().__init__(input_size, output_size, config=config, **kwargs)
-        self._add_adapters(lora_rank, lora_alpha, lora_dropout, split_input=True)
+    split_input = True
 
     def forward(self, input_: torch.Tensor):
         out, bias = super().forward(input_)

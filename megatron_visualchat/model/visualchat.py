@@ -1,8 +1,8 @@
 """VisualChatModel: vision encoder -> projector -> splice into word embeddings -> GPT decoder with MMCA.
 
-Pipeline placement (docs/design/architecture.md): the first stage holds the vision tower, the word embeddings and its decoder
-layers; later stages only their decoder layers; the last stage the output layer and loss. Token codes come with
-every stage's batch (``attention_mask`` slot), so MMCA works on every stage.
+Pipeline placement (docs/design/architecture.md): the first stage holds the vision tower, the word embeddings and
+its decoder layers; later stages only their decoder layers; the last stage the output layer and loss. Token codes
+come with every stage's batch (``attention_mask`` slot), so MMCA works on every stage.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Held-out answer accuracy through megatron-core's forward-only schedule: an answer (one run of supervised
-positions: the answer tokens and their EOS) counts as correct when the argmax prediction matches all of it. With teacher forcing this equals greedy
-decoding of the answer, and it runs at any TP/PP layout (logits stay vocab-parallel; the argmax is combined
-across the tensor-parallel group)."""
+positions: the answer tokens and their EOS) counts as correct when the argmax prediction matches all of it. With
+teacher forcing this equals greedy decoding of the answer, and it runs at any TP/PP layout (logits stay
+vocab-parallel; the argmax is combined across the tensor-parallel group)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def answer_accuracy(chunks: list, loader, *, num_microbatches: int, seq_length: 
     """Fraction of held-out answers predicted exactly; same value on every rank."""
     for c in chunks:
         c.eval()
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())  # NCCL reduces device tensors
+    forward_step = partial(visualchat_forward_step, objective=answer_objective)
     batches = iter(loader)
     with torch.no_grad():
         for i in itertools.count():
@@ -62,10 +63,9 @@ def answer_accuracy(chunks: list, loader, *, num_microbatches: int, seq_length: 
             if len(mbs) < num_microbatches:
                 break
             out = run_schedule(chunks, mbs, num_microbatches=num_microbatches, seq_length=seq_length,
-                               micro_batch_size=micro_batch_size, forward_step=partial(visualchat_forward_step, objective=answer_objective),
-                               forward_only=True)
+                               micro_batch_size=micro_batch_size, forward_step=forward_step, forward_only=True)
             if out and ps.get_tensor_model_parallel_rank() == 0:
-                totals += sum(d["answers"].double() for d in out)
+                totals += sum(d["answers"].double() for d in out).to(totals.device)
     for c in chunks:
         c.train()
     dist.all_reduce(totals)

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress-bar", action="store_true")
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(LLM_PRESETS), default="tiny")
-    g.add_argument("--llm-load", default=None, help="converted base LLM checkpoint (megatron-visualchat hf-to-megatron)")
+    g.add_argument("--llm-load", default=None,
+                   help="converted base LLM checkpoint (megatron-visualchat hf-to-megatron)")
     g.add_argument("--vision-encoder", default="tiny")
     g.add_argument("--vision-weights", default=None, help="local encoder weights (file or HF directory)")
     g.add_argument("--projector", default="linear")

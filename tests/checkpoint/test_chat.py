@@ -69,8 +69,8 @@ def test_export_dir_holding_something_else_is_refused(tmp_path):
     check_export_dir(tmp_path / "new")
     check_export_dir(tmp_path)  # empty
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match=f"export directory {tmp_path} is not empty and holds no chat "
-                                              "checkpoint"):
+    with pytest.raises(CheckpointError, match=f"export directory {tmp_path} is not empty and holds no earlier "
+                                              f"export \\({CONFIG_FILE} not found\\)"):
         check_export_dir(tmp_path)
     with pytest.raises(CheckpointError, match="exists and is not a directory"):
         check_export_dir(tmp_path / "notes.txt")
