@@ -12,7 +12,7 @@ OUT=${OUT:-runs/quickstart}
 .venv/bin/torchrun --nproc-per-node 2 --master-port "${MASTER_PORT:-29510}" pretrain_vchat.py \
   --synthetic 2000 --data-cache-dir "$OUT/data" \
   --tensor-model-parallel-size 2 --micro-batch-size 16 --global-batch-size 32 --seq-length 256 \
-  --train-iters "${TRAIN_ITERS:-500}" --lr 1e-3 --trainable projector,llm,embeddings,image_projections \
+  --train-iters "${TRAIN_ITERS:-500}" --lr 1e-3 --trainable projector,llm,embeddings \
   --eval-interval 100 --eval-iters 2 --log-interval 25 \
   --save "$OUT/checkpoints" --export-dir "$OUT/chat" "$@"
 .venv/bin/python examples/answer_heldout.py --load "$OUT/chat" --eval-file "$OUT/data/synthetic-2000-seed1234/eval.jsonl"
