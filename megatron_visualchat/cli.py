@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "eval-replay": "megatron_visualchat.inference.cli:eval_main",
     "serve": "megatron_visualchat.inference.server:main",
     "validate-data": "megatron_visualchat.data.validate:main",
+    "plan": "megatron_visualchat.planner.cli:main",
 }
 
 

@@ -8,30 +8,12 @@ import dataclasses
 import json
 from typing import Optional
 
-from megatron_visualchat.argtypes import int_list
+from megatron_visualchat.argtypes import TRAINABLE_PARTS, int_list, name_list, trainable_parts
 from megatron_visualchat.config import (
     ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_PRESETS, LORA_TARGETS, MODALITY_SPLITS, AttentionConfig,
     ConfigError, LoraConfig, ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
 )
 from megatron_visualchat.training.run_config import TrainingConfig
-
-TRAINABLE_PARTS = {f.name for f in dataclasses.fields(TrainableConfig)}
-
-
-def _trainable(text: str) -> TrainableConfig:
-    parts = {p.strip() for p in text.split(",") if p.strip()}
-    if parts == {"all"}:
-        parts = TRAINABLE_PARTS - {"new_token_rows_only"}
-    unknown = parts - TRAINABLE_PARTS
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown trainable part(s) {sorted(unknown)}; choose from "
-                                         f"{sorted(TRAINABLE_PARTS)} or 'all'")
-    return TrainableConfig(**{name: name in parts for name in TRAINABLE_PARTS})
-
-
-def _names(text: str) -> tuple[str, ...]:
-    """Comma-separated names (checked against their option tuple by the config)."""
-    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit decoder layers per pipeline stage, e.g. 18,22,20,20 (lighter first stage: it also "
                         "runs the vision encoder)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="megatron-core DDP: start each gradient bucket's all-reduce (reduce-scatter with the "
+                        "distributed optimizer) during the backward pass of the last microbatch")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="distributed optimizer: all-gather the updated parameters bucket by bucket during the next "
+                        "forward pass instead of at the end of the optimizer step (needs --use-distributed-optimizer)")
     g = p.add_argument_group("batch")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=128)
@@ -119,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modality-norms", action="store_true",
                    help="per-modality input/pre-MLP norms (mPLUG-Owl2; with --attention-mode causal --modality-split "
                         "kv this is its modality-adaptive module)")
-    g.add_argument("--trainable", type=_trainable, default=TrainableConfig(),
+    g.add_argument("--trainable", type=trainable_parts, default=TrainableConfig(),
                    help="comma list of " + ",".join(sorted(TRAINABLE_PARTS)) + " or 'all' (default: projector, "
                         "image_projections)")
     g.add_argument("--lora-rank", type=int, default=0,
@@ -127,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay frozen unless --trainable llm (docs/lora.md)")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale alpha/rank (decoder and vision)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the decoder adapters' input")
-    g.add_argument("--lora-targets", type=_names, default=LORA_TARGETS,
+    g.add_argument("--lora-targets", type=name_list, default=LORA_TARGETS,
                    help="decoder linears to adapt, comma list of " + ",".join(LORA_TARGETS))
     g.add_argument("--vision-lora-rank", type=int, default=0,
                    help="LoRA adapters of this rank on the vision encoder's blocks (0: none)")
-    g.add_argument("--vision-lora-targets", type=_names, default=LORA_TARGETS,
+    g.add_argument("--vision-lora-targets", type=name_list, default=LORA_TARGETS,
                    help="vision block linears to adapt (timm attn.qkv, attn.proj, mlp.fc1, mlp.fc2), comma list of "
                         + ",".join(LORA_TARGETS))
     g = p.add_argument_group("data")
@@ -161,6 +149,9 @@ def parse_args(argv=None) -> TrainingConfig:
         raise ConfigError("give exactly one of --train-iters and --train-epochs")
     if rec.recompute_granularity == "full" and (rec.recompute_method is None or rec.recompute_num_layers is None):
         raise ConfigError("--recompute-granularity full needs --recompute-method and --recompute-num-layers")
+    if run.parallelism.overlap_param_gather and not run.parallelism.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather: give "
+                          "--use-distributed-optimizer too")
     if not run.data.data and run.data.synthetic is None:
         raise ConfigError("no training data: give --data FORMAT:PATH (repeatable) or --synthetic N")
     return run

@@ -31,7 +31,8 @@ from megatron_visualchat.checkpoint.layout import read_tracker
 from megatron_visualchat.checkpoint.legacy_format import ConversionRecord, rank_file
 from megatron_visualchat.config import ConfigError, ParallelConfig, TrainableConfig, VisualChatConfig
 from megatron_visualchat.model.visualchat import VisualChatModel, apply_trainable_policy
-from megatron_visualchat.training.arguments import TRAINABLE_PARTS, model_config
+from megatron_visualchat.argtypes import TRAINABLE_PARTS
+from megatron_visualchat.training.arguments import model_config
 from megatron_visualchat.training.data_setup import build_loaders, dataset_specs, load_tokenizer
 from megatron_visualchat.training.run_config import TrainingConfig
 

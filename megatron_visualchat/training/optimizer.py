@@ -12,15 +12,19 @@ from megatron.core.transformer.module import Float16Module
 from megatron_visualchat.training.run_config import TrainingConfig
 
 
-def wrap_model(chunks: list, *, use_distributed_optimizer: bool, fp16: bool, bf16: bool) -> list:
+def wrap_model(chunks: list, *, use_distributed_optimizer: bool, fp16: bool, bf16: bool,
+               overlap_grad_reduce: bool = False, overlap_param_gather: bool = False) -> list:
     """Float16Module for bf16/fp16 (megatron casts inputs/outputs at the pipeline ends), then megatron-core DDP,
-    which only buckets parameters with requires_grad (the frozen LLM never enters a buffer)."""
+    which only buckets parameters with requires_grad (the frozen LLM never enters a buffer). The overlap flags
+    make DDP reduce gradients during backward and (distributed optimizer) gather parameters during the next
+    forward; the schedules drive them through the hooks ``pretrain._configure_schedule_hooks`` sets."""
     wrapped = []
     for chunk in chunks:
         config = chunk.config
         if fp16 or bf16:
             chunk = Float16Module(config, chunk)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+                                                   overlap_param_gather=overlap_param_gather,
                                                    use_distributed_optimizer=use_distributed_optimizer)
         wrapped.append(DistributedDataParallel(config, ddp_config, chunk))
     return wrapped
@@ -34,6 +38,7 @@ def build_optimizer(chunks: list, run: TrainingConfig):
         clip_grad=opt.clip_grad, bf16=prec.bf16, fp16=prec.fp16, params_dtype=prec.dtype,
         loss_scale=None, initial_loss_scale=prec.initial_loss_scale,
         use_distributed_optimizer=run.parallelism.use_distributed_optimizer,
+        overlap_param_gather=run.parallelism.overlap_param_gather,  # mirrors DDP's (megatron asks for both)
     )
     return get_megatron_optimizer(config, chunks)
 

@@ -71,12 +71,26 @@ def _load_base_llm(model, load_dir: str) -> None:
 
 
 def _configure_schedule_hooks(chunks: list, optimizer, fp16: bool) -> None:
-    """What Megatron-LM's training loop wires into the model config for the schedules."""
+    """What Megatron-LM's training loop wires into the model config for the schedules. With
+    ``--overlap-grad-reduce`` the interleaved schedule starts each chunk's gradient reduction as soon as that
+    chunk's last backward is done (Megatron-LM's ``align_grad_reduce`` default); parameter all-gathers
+    (``--overlap-param-gather``) are driven by DDP's forward pre-hooks, so no ``param_sync_func`` is set."""
+    overlap_grad_reduce = chunks[0].ddp_config.overlap_grad_reduce
     for chunk in chunks:
         config = chunk.config
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        config.grad_sync_func = ([c.start_grad_sync for c in chunks] if len(chunks) > 1 else
+                                 chunks[0].start_grad_sync) if overlap_grad_reduce else None
         config.grad_scale_func = optimizer.scale_loss if fp16 else None
+
+
+def _gather_params(chunks: list) -> None:
+    """With ``--overlap-param-gather`` the optimizer step leaves other ranks' updated shards to the next forward's
+    all-gather; checkpoints and exports read whole parameters, so gather them now (a no-op otherwise)."""
+    for chunk in chunks:
+        if chunk.use_forward_hook:
+            chunk.start_param_sync(force_sync=True)
 
 
 def _reduce_loss(loss_dicts: list[dict]) -> float:
@@ -151,7 +165,9 @@ def train(run: TrainingConfig) -> dict:
     # 2. model, DDP, optimizer, schedule
     chunks = wrap_model(build_model_chunks(cfg, run, tuple(tokenizer.added_tokens.values())),
                         use_distributed_optimizer=run.parallelism.use_distributed_optimizer,
-                        fp16=run.precision.fp16, bf16=run.precision.bf16)
+                        fp16=run.precision.fp16, bf16=run.precision.bf16,
+                        overlap_grad_reduce=run.parallelism.overlap_grad_reduce,
+                        overlap_param_gather=run.parallelism.overlap_param_gather)
     optimizer = build_optimizer(chunks, run)
     _configure_schedule_hooks(chunks, optimizer, run.precision.fp16)
     if cfg.lora.enabled:
@@ -212,6 +228,7 @@ def train(run: TrainingConfig) -> dict:
         exiting = bool(ckpt.exit_interval) and iteration % ckpt.exit_interval == 0
         if ckpt.save and (exiting or iteration == train_iters or
                           (ckpt.save_interval and iteration % ckpt.save_interval == 0)):
+            _gather_params(chunks)
             training_state.save_checkpoint(ckpt.save, iteration, chunks, optimizer, scheduler,
                                            consumed_samples=train_loader.consumed_samples,
                                            distributed_optimizer=run.parallelism.use_distributed_optimizer,
@@ -221,6 +238,7 @@ def train(run: TrainingConfig) -> dict:
     logger.close()
 
     # 5. export
+    _gather_params(chunks)
     if ckpt.export_dir:
         save_chat_checkpoint(chunks, tokenizer, ckpt.export_dir, state_dict=merge_lora)
     if ckpt.export_adapters:

@@ -23,6 +23,8 @@ class ParallelismConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     pipeline_layers: Optional[tuple[int, ...]] = None
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass(frozen=True)
