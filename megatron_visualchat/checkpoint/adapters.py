@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Union
 
@@ -37,9 +35,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_visualchat.checkpoint.chat import config_to_dict, gather_full_state_dict, tp_slice
-from megatron_visualchat.checkpoint.checksums import CHECKSUM_FILE, read_checksums, sha256, verify, write_checksums
+from megatron_visualchat.checkpoint.checksums import CHECKSUM_FILE, read_checksums, verify
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.layout import check_replaceable_dir, replace_dir
+from megatron_visualchat.checkpoint.layout import check_replaceable_dir, checksummed_dir
 from megatron_visualchat.config import LORA_PAIRS, LoraConfig
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -72,20 +70,11 @@ def save_adapters(model, out_dir: Union[str, Path]) -> Path:
     merged = gather_full_state_dict(model, _trained)
     if dist.get_rank() == 0:
         cfg = unwrap_model(model if isinstance(model, list) else [model])[0].cfg
-        final = Path(os.path.abspath(out_dir))
-        tmp = final.with_name(f".tmp_{final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with checksummed_dir(out_dir) as tmp:
             save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / ADAPTERS_FILE),
                       metadata={"format": FORMAT, "producer": "megatron_visualchat"})
             record = {"format": FORMAT, "lora": dataclasses.asdict(cfg.lora), "base": _base_record(cfg)}
             (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            write_checksums(tmp, {f.name: sha256(f) for f in tmp.iterdir()})
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     dist.barrier()
     return Path(out_dir)
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -31,9 +29,9 @@ from megatron.core.utils import unwrap_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megatron_visualchat.checkpoint.checksums import read_checksums, sha256, verify, write_checksums
+from megatron_visualchat.checkpoint.checksums import read_checksums, verify
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.layout import check_replaceable_dir, replace_dir
+from megatron_visualchat.checkpoint.layout import check_replaceable_dir, checksummed_dir
 from megatron_visualchat.checkpoint.sharding import (
     merge_state_dicts,
     pad_vocab_rows,
@@ -139,20 +137,11 @@ def save_chat_checkpoint(model, tokenizer, out_dir: Union[str, Path], *,
                               "state_dict=megatron_visualchat.model.lora.merge_lora to fold them into the weights")
     merged = gather_full_state_dict(model, state_dict)
     if dist.get_rank() == 0:
-        final = Path(os.path.abspath(out_dir))
-        tmp = final.with_name(f".tmp_{final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with checksummed_dir(out_dir) as tmp:
             save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / WEIGHTS_FILE),
                       metadata={"format": "pt", "producer": "megatron_visualchat"})
             (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
             tokenizer.save(str(tmp))
-            write_checksums(tmp, {f.name: sha256(f) for f in tmp.iterdir()})
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     dist.barrier()
     return Path(out_dir)
 

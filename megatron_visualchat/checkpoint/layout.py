@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
+from megatron_visualchat.checkpoint.checksums import sha256, write_checksums
 from megatron_visualchat.checkpoint.errors import CheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -37,6 +39,23 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def checksummed_dir(out_dir: Union[str, Path]) -> Iterator[Path]:
+    """Fill the yielded temp directory beside ``out_dir``; on success its files are checksummed and it replaces
+    ``out_dir`` whole (``replace_dir``), on failure it is removed and ``out_dir`` is untouched."""
+    final = Path(os.path.abspath(out_dir))
+    tmp = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        write_checksums(tmp, {f.name: sha256(f) for f in tmp.iterdir()})
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_replaceable_dir(out_dir: Union[str, Path], marker: str, what: str) -> None:
