@@ -60,7 +60,7 @@ def _checking_input():
 REFUSALS = (CheckpointError, ConfigError, SampleError, FileRefused, ChatInputError, InputRefused)
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, help="chat checkpoint directory (model.safetensors, "
                                                       "visualchat_config.json, tokenizer files)")
     parser.add_argument("--adapters", default=None,
@@ -114,7 +114,7 @@ def _check_max_length(args) -> None:
                           f"leave it out to use all {positions}")
 
 
-def _session(args) -> tuple[ChatSession, object]:
+def build_session(args) -> tuple[ChatSession, object]:
     # megatron-core's and torch.distributed's internal notices (apex missing, deprecated collectives, CUDA env
     # hints) would interleave with the streamed answers and say nothing a chat user can act on.
     warnings.filterwarnings("ignore", module=r"(megatron\.core|torch\.distributed)(\.|$)")
@@ -135,7 +135,7 @@ def _is_under(path: str, roots: Sequence[Optional[str]]) -> bool:
     return any(real == root or root in real.parents for root in (Path(r).resolve() for r in roots if r))
 
 
-def _exit_status(prog: str, user_paths: Sequence[Optional[str]], command: Callable[[], int]) -> int:
+def run_with_exit_status(prog: str, user_paths: Sequence[Optional[str]], command: Callable[[], int]) -> int:
     """``command()``'s status, or a one-line error on stderr: 2 for a refusal of bad input (a missing file the user
     named included), 1 for another OS error on a path the user gave. Other errors propagate (bugs)."""
     try:
@@ -157,7 +157,7 @@ def _describe(session: ChatSession, args) -> str:
 
 
 def _chat(args, stdin: Optional[TextIO], stdout: Optional[TextIO]) -> int:
-    session, info = _session(args)
+    session, info = build_session(args)
     repl = ChatRepl(session, is_main=info.rank == 0, stdin=stdin, stdout=stdout)
     repl.say(_describe(session, args))
     if info.rank == 0 and args.image:
@@ -169,16 +169,16 @@ def _chat(args, stdin: Optional[TextIO], stdout: Optional[TextIO]) -> int:
 def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None,
          stdout: Optional[TextIO] = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-visualchat chat", description="multi-round, multi-image chat")
-    _model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], help="image(s) attached to the first message")
     args = parser.parse_args(argv)
-    return _exit_status(parser.prog, [args.load, args.adapters, *args.image], lambda: _chat(args, stdin, stdout))
+    return run_with_exit_status(parser.prog, [args.load, args.adapters, *args.image], lambda: _chat(args, stdin, stdout))
 
 
 def _eval(args, out: TextIO) -> int:
     with _checking_input():
         conversations = load_eval_file(args.data, args.image_root)  # fail on a bad file before building the model
-    session, info = _session(args)
+    session, info = build_session(args)
     main_rank = info.rank == 0
     out_dir = Path(args.out_dir)
     if main_rank:  # before the replay: an unusable --out-dir must not cost the whole run's results
@@ -204,10 +204,10 @@ def _eval(args, out: TextIO) -> int:
 def eval_main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-visualchat eval-replay",
                                      description="replay scripted conversations into CSV/JSONL, score, summarise")
-    _model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="evaluation JSON (DS-VisualChat eval_data format)")
     parser.add_argument("--image-root", default=None, help="base for relative image paths (default: cwd)")
     parser.add_argument("--out-dir", required=True, help="writes results.csv, results.jsonl, summary.md")
     args = parser.parse_args(argv)
-    return _exit_status(parser.prog, [args.load, args.adapters, args.data, args.image_root, args.out_dir],
+    return run_with_exit_status(parser.prog, [args.load, args.adapters, args.data, args.image_root, args.out_dir],
                         lambda: _eval(args, stdout or sys.stdout))

@@ -25,7 +25,7 @@ from megatron_visualchat.inference.prompt import Chunk, Segment, answer_segment,
 from megatron_visualchat.inference.sampling import SamplingParams
 from megatron_visualchat.inference.serve_cache import ConversationPool, Placement
 from megatron_visualchat.inference.serve_request import ChatRequest, RequestError
-from megatron_visualchat.inference.session import _TextStream
+from megatron_visualchat.inference.session import TextStream
 from megatron_visualchat.model.token_codes import MODALITY_IMAGE
 
 
@@ -158,7 +158,7 @@ class ServeEngine:
         cache = self.pool.place(job.placement)
         tokens: list[int] = []
         text = StopText(job.stop, on_text)
-        stream = _TextStream(self.tokenizer, text.feed, eos)
+        stream = TextStream(self.tokenizer, text.feed, eos)
 
         def on_tokens(step, new):
             if new[0] is not None:

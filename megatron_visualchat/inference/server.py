@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megatron_visualchat.config import ConfigError
-from megatron_visualchat.inference.cli import _exit_status, _model_arguments, _session
+from megatron_visualchat.inference.cli import add_model_arguments, build_session, run_with_exit_status
 from megatron_visualchat.inference.serve_cache import ConversationPool
 from megatron_visualchat.inference.serve_engine import Completion, ServeEngine
 from megatron_visualchat.inference.serve_request import ImageLimits, RequestError, parse_body, parse_request
@@ -169,7 +169,7 @@ def _serve(args) -> int:
         raise ConfigError("--max-image-pixels and --max-image-mib must be positive")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise ConfigError(f"--image-root {args.image_root} is not a directory")
-    session, info = _session(args)  # model, tokenizer, template, context and sampling defaults as `chat` has them
+    session, info = build_session(args)  # model, tokenizer, template, context and sampling defaults as `chat` has them
     budget = 0 if args.recompute else int(args.kv_cache_gib * 2**30)
     engine = ServeEngine(session.model, session.tokenizer,
                          ConversationPool(session.max_length, info.device, budget), template=session.template,
@@ -196,7 +196,7 @@ def _serve(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-visualchat serve",
                                      description="OpenAI-compatible multi-image chat server with a web chat page")
-    _model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--image-root", default=None,
@@ -209,4 +209,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-image-mib", type=float, default=16.0, help="encoded size cap per image")
     parser.add_argument("--model-name", default=None, help="the model id clients use (default: --load's name)")
     args = parser.parse_args(argv)
-    return _exit_status(parser.prog, [args.load, args.adapters, args.image_root], lambda: _serve(args))
+    return run_with_exit_status(parser.prog, [args.load, args.adapters, args.image_root], lambda: _serve(args))

@@ -74,7 +74,7 @@ class ChatTurn:
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [1, V] per generated token, if asked
 
 
-class _TextStream:
+class TextStream:
     """Turns the growing answer's ids into text deltas, holding back an incomplete multi-byte character."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None], eos_id: int):
@@ -185,7 +185,7 @@ class ChatSession:
         segment, loaded = self._new_round(question, images)
         chunk, rollback = self._chunk(segment)
         eos = self.tokenizer.eos_id
-        stream = _TextStream(self.tokenizer, on_text, eos) if on_text else None
+        stream = TextStream(self.tokenizer, on_text, eos) if on_text else None
         first_token_at: list[float] = []
 
         def on_tokens(step, tokens):
