@@ -26,6 +26,7 @@ setup(
         "psutil",  # megatron-core's checkpoint save needs it (0.16.1 hangs without it)
         "tqdm",
         "tensorboard",
+        "pyyaml",  # training recipes (already required by timm)
     ],
     extras_require={
         "hf": ["transformers"],

@@ -40,10 +40,11 @@ def main(argv=None) -> None:
     print("| encoder | workers | batch | samples/s | image tokens/s | tokens/s |\n|---|---|---|---|---|---|")
     for workers in args.workers:
         loader = build_dataloader(dataset, spec.preprocess.transform(), batch_size=args.batch_size,
-                                  image_size=spec.image_size, num_workers=workers, pack=args.pack)
+                                  image_size=spec.image_size, num_workers=workers, pack=args.pack,
+                                  pad_to=args.max_seq_len if args.pack else None)
         start, samples, image_tokens, tokens = time.perf_counter(), 0, 0, 0
         for batch in loader:
-            samples += args.batch_size
+            samples += int((batch["sample_id"].max(dim=1).values + 1).sum())  # packed bins hold several
             image_tokens += int((batch["modality"] == MODALITY_IMAGE).sum())
             tokens += int((batch["modality"] != MODALITY_PAD).sum())
         dt = time.perf_counter() - start

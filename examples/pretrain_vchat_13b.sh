@@ -11,7 +11,7 @@ NPROC=${NPROC:-8}
   --model-preset llama2-13b --llm-load "$LLM_CKPT" --tokenizer-dir "$TOKENIZER" \
   --vision-encoder qwen-vl-vit-bigg-14-448 --vision-weights "$VISION_WEIGHTS" --projector linear \
   --attention-mode mmca --modality-split none --trainable projector,embeddings \
-  --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1 \
+  --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1 --sequence-parallel \
   --micro-batch-size 2 --global-batch-size 128 --seq-length 4096 --train-epochs 6 \
   --lr 1e-3 --lr-warmup-fraction 0.1 --lr-decay-style cosine --adam-beta2 0.95 --clip-grad 1.0 --bf16 \
   --data "$DATA" --max-images 8 --num-workers 4 \

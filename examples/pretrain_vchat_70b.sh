@@ -6,6 +6,10 @@
 # Launch one torchrun per node (see examples/slurm/pretrain_vchat_70b.sbatch for SLURM), e.g. on each node:
 #   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node0> examples/pretrain_vchat_70b.sh
 # Dry run first (flags, paths, data, parameters per rank; one CPU process): TORCHRUN=examples/torchrun_dry_run.py
+# --sequence-parallel (as Megatron-LM's LLaMA recipes): norms and residuals hold sequence shards, so activations
+# outside attention/MLP shrink by TP at no extra communication (TP's all-reduces become reduce-scatter + all-gather).
+# Context parallelism: CP=2 NNODES=8 splits each sequence over 2 ranks (half the activations per GPU, one K/V
+# all-gather per layer); --seq-length must be a multiple of 2 x CP.
 set -euo pipefail
 : "${LLM_CKPT:?converted LLaMA-2-70B (TP=8, PP=4, --pp-layers 17,21,21,21) directory}" "${TOKENIZER:?tokenizer dir}"
 : "${VISION_WEIGHTS:?encoder weights}" "${DATA:?e.g. llava:/data/llava_instruct_150k.json}"
@@ -15,7 +19,8 @@ set -euo pipefail
   --model-preset llama2-70b --llm-load "$LLM_CKPT" --tokenizer-dir "$TOKENIZER" \
   --vision-encoder qwen-vl-vit-bigg-14-448 --vision-weights "$VISION_WEIGHTS" --projector linear \
   --attention-mode mmca --modality-split none --trainable projector,embeddings \
-  --tensor-model-parallel-size 8 --pipeline-model-parallel-size 4 --pipeline-layers 17,21,21,21 \
+  --tensor-model-parallel-size 8 --sequence-parallel --pipeline-model-parallel-size 4 --pipeline-layers 17,21,21,21 \
+  --context-parallel-size "${CP:-1}" \
   --use-distributed-optimizer --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 \
   --micro-batch-size 1 --global-batch-size 128 --seq-length 4096 --train-epochs 6 \
   --lr 1e-3 --lr-warmup-fraction 0.1 --lr-decay-style cosine --adam-beta2 0.95 --clip-grad 1.0 --bf16 \

@@ -8,13 +8,18 @@ import sys
 # subcommand -> "module:function" taking argv (lazy, so `--help` does not import torch/megatron)
 COMMANDS: dict[str, str] = {
     "train": "megatron_visualchat.training.pretrain:main",
+    "recipe": "megatron_visualchat.training.recipe_run:main",
     "hf-to-megatron": "megatron_visualchat.checkpoint.convert:hf_to_megatron_main",
     "megatron-to-hf": "megatron_visualchat.checkpoint.convert:megatron_to_hf_main",
+    "import-hf": "megatron_visualchat.checkpoint.hf_llava:main",
+    "export-hf": "megatron_visualchat.checkpoint.hf_llava_export:main",
+    "fuse": "megatron_visualchat.checkpoint.fuse:main",
     "chat": "megatron_visualchat.inference.cli:main",
     "eval-replay": "megatron_visualchat.inference.cli:eval_main",
     "serve": "megatron_visualchat.inference.server:main",
     "validate-data": "megatron_visualchat.data.validate:main",
     "plan": "megatron_visualchat.planner.cli:main",
+    "train-image-tokenizer": "megatron_visualchat.model.image_tokenizer.train:main",
 }
 
 

@@ -98,7 +98,10 @@ LLM_PRESETS: dict[str, LLMConfig] = {
     ),
 }
 
-ATTENTION_MODES = ("mmca", "causal")
+LLM_FROM_CHECKPOINT = "from-llm-load"  # --model-preset: the architecture recorded in the converted --llm-load
+
+ATTENTION_MODES = ("mmca", "causal", "cross")
+CORE_ATTENTION_MODES = ("mmca", "causal")  # of MMCA's core attention; mode "cross" self-attends causally
 MODALITY_SPLITS = ("none", "kv", "qkv", "qkvo")
 IMAGE_ROWS = ("self", "self+text", "image")
 COMBINES = ("sum", "mean")
@@ -116,9 +119,17 @@ class AttentionConfig:
     combine: str = "sum"
     backend: str = "local"
     modality_norms: bool = False  # mPLUG-Owl2: per-modality input / pre-MLP norms
+    cross_attention_interval: int = 1  # mode "cross": a gated cross-attention layer every K decoder layers
 
     def validate(self) -> None:
         check_choice("attention.mode", self.mode, ATTENTION_MODES)
+        if self.cross_attention_interval < 1:
+            raise ConfigError(f"attention.cross_attention_interval={self.cross_attention_interval} must be >= 1")
+        if self.mode == "cross":
+            self._validate_cross()
+        elif self.cross_attention_interval != 1:
+            raise ConfigError(f"attention.cross_attention_interval={self.cross_attention_interval} applies to "
+                              f"mode='cross' only (mode is {self.mode!r})")
         check_choice("attention.modality_split", self.modality_split, MODALITY_SPLITS)
         check_choice("attention.image_rows", self.image_rows, IMAGE_ROWS)
         check_choice("attention.combine", self.combine, COMBINES)
@@ -130,6 +141,18 @@ class AttentionConfig:
         if self.backend == "te" and self.modality_norms:
             raise ConfigError("attention.modality_norms needs backend='local': Transformer-Engine fuses the norms "
                               "into the linears")
+
+    def _validate_cross(self) -> None:
+        """Cross mode (docs/design/cross_attention.md) keeps images out of the sequence: the options that act on
+        image positions of the sequence have nothing to act on."""
+        defaults = AttentionConfig()
+        for name in ("modality_split", "image_rows", "combine", "modality_norms"):
+            if getattr(self, name) != getattr(defaults, name):
+                raise ConfigError(f"attention.{name}={getattr(self, name)!r} does not apply to mode='cross' (images "
+                                  f"reach the LLM through cross-attention only); drop it or pick mode 'mmca'")
+        if self.backend != "local":
+            raise ConfigError("attention.mode='cross' needs backend='local' (the gated cross-attention layers are "
+                              "built from megatron-core's local linears)")
 
 
 # Linears LoRA can adapt: in a decoder layer linear_qkv, linear_proj, linear_fc1, linear_fc2; in a vision encoder's
@@ -185,6 +208,8 @@ class VisionConfig:
     projector_options: dict = field(default_factory=dict)
     freeze_encoder: bool = True
     encoder_weights: Optional[str] = None
+    encoder_options: dict = field(default_factory=dict)  # model/vision EncoderOptions: feature_layer, drop_cls, resize
+    projector_weights: Optional[str] = None  # a projector's own state dict (safetensors), e.g. from import-hf
 
 
 @dataclass(frozen=True)
@@ -209,42 +234,49 @@ class TrainableConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """Process layout. ``pp_layers`` is an explicit per-stage layer split (e.g. a lighter first stage, which also
-    carries the vision encoder); ``vpp`` is megatron's virtual (interleaved) pipeline size."""
+    carries the vision encoder); ``vpp`` is megatron's virtual (interleaved) pipeline size; ``sequence_parallel``
+    shards the activations outside the tensor-parallel regions (norms, residuals) along the sequence over the TP
+    ranks (megatron-core's sequence parallelism, Korthikanti et al. 2022)."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     vpp: Optional[int] = None
     pp_layers: Optional[tuple[int, ...]] = None
+    sequence_parallel: bool = False
+    cp: int = 1  # context parallelism: each rank holds 2 of 2*cp sequence chunks (model/mmca/context_parallel.py)
 
     @classmethod
     def for_world(cls, world_size: int, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                  pp_layers: Optional[tuple[int, ...]] = None) -> "ParallelConfig":
-        """The layout of ``world_size`` processes into tp x pp model-parallel groups; data parallelism takes the
-        rest (dp = world_size / (tp x pp)). Refuses a world size that is not a multiple of tp x pp."""
-        for name, value in (("tp", tp), ("pp", pp)):
+                  pp_layers: Optional[tuple[int, ...]] = None, sequence_parallel: bool = False,
+                  cp: int = 1) -> "ParallelConfig":
+        """The layout of ``world_size`` processes into tp x pp x cp model-parallel groups; data parallelism takes
+        the rest (dp = world_size / (tp x pp x cp)). Refuses a world size that is not a multiple of tp x pp x cp."""
+        for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
             if value < 1:
                 raise ConfigError(f"parallel.{name}={value} must be >= 1")
         if world_size < 1:
             raise ConfigError(f"world size {world_size} must be >= 1")
-        if world_size % (tp * pp):
-            raise ConfigError(f"world size {world_size} is not divisible by tp({tp}) x pp({pp}): launch a multiple "
-                              f"of {tp * pp} processes")
-        return cls(tp=tp, pp=pp, dp=world_size // (tp * pp), vpp=vpp, pp_layers=pp_layers)
+        if world_size % (tp * pp * cp):
+            with_cp = f" x cp({cp})" if cp > 1 else ""
+            raise ConfigError(f"world size {world_size} is not divisible by tp({tp}) x pp({pp}){with_cp}: launch a "
+                              f"multiple of {tp * pp * cp} processes")
+        return cls(tp=tp, pp=pp, dp=world_size // (tp * pp * cp), vpp=vpp, pp_layers=pp_layers,
+                   sequence_parallel=sequence_parallel, cp=cp)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
 
     def check_world_size(self, world_size: int) -> None:
-        """Refuse a number of processes other than tp x pp x dp."""
+        """Refuse a number of processes other than tp x pp x cp x dp."""
         if world_size != self.world_size:
-            raise ConfigError(
-                f"world size {world_size} != tp({self.tp}) x pp({self.pp}) x dp({self.dp}) = {self.world_size}"
-            )
+            with_cp = f" x cp({self.cp})" if self.cp > 1 else ""
+            raise ConfigError(f"world size {world_size} != tp({self.tp}) x pp({self.pp}){with_cp} x dp({self.dp}) = "
+                              f"{self.world_size}")
 
     def validate(self, llm: LLMConfig, world_size: Optional[int] = None) -> None:
-        for name in ("tp", "pp", "dp"):
+        for name in ("tp", "pp", "cp", "dp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if llm.num_attention_heads % self.tp:
@@ -274,6 +306,9 @@ class ParallelConfig:
                 raise ConfigError(f"pipeline size {what} does not divide num_layers={llm.num_layers}")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             raise ConfigError(f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError("parallel.sequence_parallel shards the sequence over the tensor-parallel ranks: it "
+                              f"needs tp >= 2 (tp={self.tp}); drop --sequence-parallel or raise the TP size")
         if world_size is not None:
             self.check_world_size(world_size)
 
@@ -301,6 +336,20 @@ class VisualChatConfig:
         self.trainable.validate()
         self.lora.validate(self.attention)
         self.parallel.validate(self.llm, world_size)
+        if self.parallel.sequence_parallel and self.attention.mode == "cross":
+            raise ConfigError("parallel.sequence_parallel is not supported with attention.mode='cross' (its "
+                              "image context is not a sequence shard); drop --sequence-parallel or use mode 'mmca'")
+        if self.parallel.cp > 1 and self.attention.mode == "cross":
+            raise ConfigError("parallel.cp > 1 (context parallelism) is implemented in the MMCA core attention, not "
+                              "in the cross-attention layers of mode 'cross'; use mode 'mmca' or 'causal', or cp=1")
+        if self.attention.mode == "cross" and self.attention.cross_attention_interval > self.llm.num_layers:
+            raise ConfigError(f"attention.cross_attention_interval={self.attention.cross_attention_interval} exceeds "
+                              f"num_layers={self.llm.num_layers}: no layer would get cross-attention, so no image "
+                              "would reach the model")
+        if self.parallel.vpp is not None and self.attention.mode == "cross":
+            raise ConfigError("parallel.vpp is not supported with attention.mode='cross' yet: its p2p tensor changes "
+                              "length with each batch's images, and megatron-core's interleaved schedule sends and "
+                              "receives such tensors out of order; drop --virtual-pipeline-model-parallel-size")
         return self
 
 
@@ -344,6 +393,8 @@ def to_transformer_config(cfg: VisualChatConfig, params_dtype: torch.dtype = tor
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp,
         pipeline_model_parallel_layout=pipeline_layout(par),
+        sequence_parallel=par.sequence_parallel,
+        context_parallel_size=par.cp,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

@@ -48,10 +48,10 @@ DAMAGED_FIX = "export the adapters again (pretrain_vchat.py --load SAVE_DIR --ex
 
 
 def _base_record(cfg) -> dict:
-    """What must match between the adapters' model and the base: llm, attention and vision (the encoder's weights
-    come from the base's file, not from the path a run read them from)."""
+    """What must match between the adapters' model and the base: llm, attention and vision (the encoder's and
+    projector's weights come from the base's file, not from the paths a run read them from)."""
     record = {name: section for name, section in config_to_dict(cfg).items() if name in BASE_SECTIONS}
-    record["vision"] = {k: v for k, v in record["vision"].items() if k != "encoder_weights"}
+    record["vision"] = {k: v for k, v in record["vision"].items() if k not in ("encoder_weights", "projector_weights")}
     return json.loads(json.dumps(record))  # tuples as JSON lists
 
 

@@ -105,7 +105,7 @@ def gather_full_state_dict(model, state_dict: Optional[Callable] = None) -> Opti
     cfg = chunks[0].cfg
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     pieces = []
-    if ps.get_data_parallel_rank() == 0:
+    if ps.get_data_parallel_rank(with_context_parallel=True) == 0:  # one replica (CP ranks hold copies)
         for vp_stage, chunk in enumerate(chunks):
             layers = stage_layer_range(cfg.llm, cfg.parallel, pp_rank, vp_stage)
             state = (state_dict or _own_state)(chunk)

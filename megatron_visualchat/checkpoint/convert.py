@@ -21,7 +21,7 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
@@ -119,7 +119,7 @@ def _short(items: Sequence[str], limit: int = 8) -> str:
 
 # -------------------------------------------------------------------------------------- output dirs
 
-def _prepare_out(out_dir: Union[str, Path], *, force: bool, inputs: Sequence[Path], replaced: Sequence[str]) -> Path:
+def prepare_out(out_dir: Union[str, Path], *, force: bool, inputs: Sequence[Path], replaced: Sequence[str]) -> Path:
     """Refuse an existing non-empty directory unless ``force`` (then remove only what this tool writes)."""
     out = Path(out_dir)
     if any(out.resolve() == Path(i).resolve() for i in inputs):
@@ -143,7 +143,7 @@ def _remove_outputs(out: Path, patterns: Sequence[str]) -> None:
 
 
 @contextmanager
-def _removed_on_failure(out: Path, patterns: Sequence[str]):
+def removed_on_failure(out: Path, patterns: Sequence[str]):
     """A conversion that fails half-way (a full disk, an interrupt) leaves no partial files behind."""
     try:
         yield
@@ -152,7 +152,7 @@ def _removed_on_failure(out: Path, patterns: Sequence[str]):
         raise
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
+def copy_side_files(src: Path, dst: Path) -> list[str]:
     present = [name for name in SIDE_FILES if (src / name).is_file()]
     if present:
         dst.mkdir(parents=True, exist_ok=True)
@@ -189,21 +189,32 @@ def hf_to_megatron(
     force: bool = False,
 ) -> Path:
     """Convert a HF LlamaForCausalLM directory into Megatron's legacy layout at (tp, pp); returns ``out_dir``."""
-    target = dtype_from_name(dtype)
     hf = HFCheckpoint(hf_dir)
     llm = llm_config_from_hf(hf.config, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                              source=str(hf.config_path))
+    return write_megatron(hf, llm, out_dir, tp=tp, pp=pp, pp_layers=pp_layers, dtype=dtype, force=force)
+
+
+def write_megatron(hf: HFCheckpoint, llm: LLMConfig, out_dir: Union[str, Path], *, tp: int, pp: int,
+                   pp_layers: Optional[Sequence[int]], dtype: str, force: bool, hf_config: Optional[dict] = None,
+                   also: Optional[Callable[[Path], None]] = None, also_outputs: Sequence[str] = ()) -> Path:
+    """The streamed writer behind ``hf_to_megatron``: ``hf.weights`` holds ``llm``'s tensors under HF LLaMA names
+    (a LLaVA directory passes a renaming view). ``hf_config`` (default ``hf.config``) is the config.json
+    megatron-to-hf writes back; ``also(out)`` writes more files (``also_outputs``, removed on failure) before
+    the record and the tracker."""
+    target = dtype_from_name(dtype)
     parallel = ParallelConfig(tp=tp, pp=pp, pp_layers=tuple(pp_layers) if pp_layers else None)
     parallel.validate(llm)
     shapes = hf_tensor_shapes(llm)
     hf.check(shapes, tolerated=() if llm.untie_embeddings else (HF_LM_HEAD,))
-    out = _prepare_out(out_dir, force=force, inputs=[hf.dir], replaced=MEGATRON_OUTPUTS)
+    outputs = (*MEGATRON_OUTPUTS, *also_outputs)
+    out = prepare_out(out_dir, force=force, inputs=[hf.dir], replaced=outputs)
 
     record = ConversionRecord(llm=llm, tp=tp, pp=pp, pp_layers=parallel.pp_layers, dtype=dtype,
-                              hf_config=dict(hf.config))
+                              hf_config=dict(hf.config if hf_config is None else hf_config))
     extra = {"args": megatron_args(record), "checkpoint_version": CHECKPOINT_VERSION, "iteration": record.iteration}
     stages = [stage_state_keys(llm, parallel, s) for s in range(pp)]
-    with _removed_on_failure(out, MEGATRON_OUTPUTS), tqdm(
+    with removed_on_failure(out, outputs), tqdm(
             total=sum(m is not None for keys in stages for _, m in keys), desc="hf-to-megatron", unit="tensor",
             disable=None) as bar:
         for s, keys in enumerate(stages):
@@ -219,7 +230,9 @@ def hf_to_megatron(
                         writer.write(key, rank_parts(tmap, sources, llm, tp, r))
                     del sources
                     bar.update()
-        _copy_side_files(hf.dir, out / TOKENIZER_DIR)
+        copy_side_files(hf.dir, out / TOKENIZER_DIR)
+        if also is not None:
+            also(out)
         record.save(out)
         write_tracker(out, record.iteration)  # last: a directory without it is an unfinished conversion
     return out
@@ -238,7 +251,7 @@ def parse_size(text: str) -> int:
     return value
 
 
-class _SafetensorsShards:
+class SafetensorsShards:
     """HF-style safetensors shards of at most ``max_bytes`` each (a bigger tensor gets a shard of its own)."""
 
     def __init__(self, out: Path, max_bytes: int):
@@ -283,7 +296,7 @@ class _SafetensorsShards:
         return files
 
 
-def _open_rank_files(load_dir: Path, record: ConversionRecord, iteration) -> list[list[TorchFile]]:
+def open_rank_files(load_dir: Path, record: ConversionRecord, iteration) -> list[list[TorchFile]]:
     """Readers for every rank file, after checking all of them exist and hold every expected tensor."""
     par = record.parallel
     paths = [[rank_file(load_dir, iteration, t, s, par.pp) for t in range(par.tp)] for s in range(par.pp)]
@@ -317,13 +330,13 @@ def megatron_to_hf(
     target = dtype_from_name(dtype or record.dtype)
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     iteration = read_tracker(load_dir)
-    readers = _open_rank_files(load_dir, record, iteration)
-    out = _prepare_out(out_dir, force=force, inputs=[load_dir], replaced=HF_OUTPUTS)
+    readers = open_rank_files(load_dir, record, iteration)
+    out = prepare_out(out_dir, force=force, inputs=[load_dir], replaced=HF_OUTPUTS)
 
     llm, par = record.llm, record.parallel
-    shards = _SafetensorsShards(out, max_bytes)
+    shards = SafetensorsShards(out, max_bytes)
     stages = [stage_state_keys(llm, par, s) for s in range(par.pp)]
-    with _removed_on_failure(out, HF_OUTPUTS), tqdm(
+    with removed_on_failure(out, HF_OUTPUTS), tqdm(
             total=sum(m is not None and m.export for keys in stages for _, m in keys), desc="megatron-to-hf",
             unit="tensor", disable=None) as bar:
         for s, keys in enumerate(stages):
@@ -340,13 +353,13 @@ def megatron_to_hf(
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = dtype_name
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(load_dir / TOKENIZER_DIR, out)
+        copy_side_files(load_dir / TOKENIZER_DIR, out)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def _size(text: str) -> int:
+def size_arg(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as e:
@@ -378,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--load", required=True, help="directory written by hf-to-megatron")
     m.add_argument("--out", required=True, help="output directory (must be absent or empty, unless --force)")
     m.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
-    m.add_argument("--max-shard-size", type=_size, default="2GB", help="per safetensors file, e.g. 2GB, 500MB")
+    m.add_argument("--max-shard-size", type=size_arg, default="2GB", help="per safetensors file, e.g. 2GB, 500MB")
     m.add_argument("--force", action="store_true", help="replace a previous export in --out")
     return parser
 

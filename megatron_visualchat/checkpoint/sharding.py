@@ -84,6 +84,11 @@ def _relabel_layer(name: str, mapping) -> Optional[str]:
     return None if new_idx is None else f"{m['prefix']}{new_idx}.{m['rest']}"
 
 
+def global_layer_name(name: str, layers: range) -> str:
+    """The full-model name of a stage-local tensor name (decoder layers renumbered from ``layers.start``)."""
+    return _relabel_layer(name, lambda i: layers.start + i)
+
+
 def shard_state_dict(
     full: Mapping[str, torch.Tensor],
     *,
@@ -117,7 +122,7 @@ def merge_state_dicts(
     grouped: dict[str, list] = {}
     for tp_rank, _pp_rank, layers, sd in shards:
         for name, tensor in sd.items():
-            glob = _relabel_layer(name, lambda i: layers.start + i)
+            glob = global_layer_name(name, layers)
             grouped.setdefault(glob, [None] * tp)[tp_rank] = tensor
     merged = {}
     for name, parts in grouped.items():

@@ -11,9 +11,11 @@ Layout (one file per tensor/pipeline rank, written by its data-parallel rank 0; 
 Atomic: ranks write into ``SAVE/.tmp_iter_...``; global rank 0 renames it to ``iter_...`` only after every rank is
 done, then rewrites the tracker through a temp file + rename. A crash mid-save leaves the previous checkpoint as
 the latest. Optimizer state is saved DP-independent (the distributed optimizer's shards are gathered to DP rank 0),
-so a run can resume at another data-parallel size. ``--keep-last`` prunes only this run's own checkpoints
-(``KeepLast``). A resume refuses, naming the differing fields, another model/layout or another LR schedule
-(unless ``--override-opt-param-scheduler``), and names the file and the earlier iterations when a file is corrupt.
+so a run can resume at another data-parallel size; each rank file also holds its optimizer state by parameter name,
+so a run can resume at another TP / PP / VPP layout or optimizer kind (``reshard.py``). ``--keep-last`` prunes only
+this run's own checkpoints (``KeepLast``). A resume refuses, naming the differing fields, another model config or
+another LR schedule (unless ``--override-opt-param-scheduler``), and names the file and the earlier iterations when
+a file is corrupt.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.utils import unwrap_model
 
+from megatron_visualchat.checkpoint import reshard
 from megatron_visualchat.checkpoint.checksums import read_checksums, sha256, verify, write_checksums
 from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.checkpoint.layout import (
@@ -48,8 +51,16 @@ from megatron_visualchat.checkpoint.layout import (
 
 RANK_FILE = "trainable.pt"
 META_FILE = "meta.json"
-# What must match for a resume: the data-parallel size alone may change.
-RESUME_KEYS = ("model", "tp", "pp", "vpp", "pp_layers")
+# meta.json "format" of checkpoints that resume at another layout (rank files with "layers" and "optimizer_named");
+# older ones have none and resume at their own layout (any data-parallel size).
+FORMAT = "megatron_visualchat.training/2"
+# What must match for a resume; the layout (these keys of the config record, the optimizer kind and the
+# data-parallel size) may change.
+RESUME_KEYS = ("model",)
+PARALLEL_KEYS = ("tp", "pp", "vpp", "pp_layers")
+LAYOUT_FLAGS = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
+                "vpp": "--virtual-pipeline-model-parallel-size", "pp_layers": "--pipeline-layers",
+                "distributed_optimizer": "--use-distributed-optimizer"}
 # The scheduler values a resume must keep unless --override-opt-param-scheduler, and the flags that set them
 # (steps count samples: iterations x --global-batch-size).
 SCHEDULE_FLAGS = {
@@ -97,11 +108,13 @@ def find_resume_point(load: Optional[str], save: Optional[str],
     return ResumePoint(root, load_iteration)
 
 
-def resume_message(resume: Optional[ResumePoint]) -> str:
-    """What rank 0 says on start: the checkpoint a run continues from, or that it starts from scratch."""
+def resume_message(resume: Optional[ResumePoint], layout_change: Optional[str] = None) -> str:
+    """What rank 0 says on start: the checkpoint a run continues from (and the layout change, ``load_checkpoint``'s
+    ``layout_change``), or that it starts from scratch."""
     if resume is None:
         return "no checkpoint to resume from (no --load, and --save holds none): training starts from scratch"
-    return f"resuming from {iteration_dir(resume.root, resume.iteration)} (iteration {resume.iteration})"
+    change = f", {layout_change}" if layout_change else ""
+    return f"resuming from {iteration_dir(resume.root, resume.iteration)} (iteration {resume.iteration}){change}"
 
 
 @dataclass
@@ -196,21 +209,23 @@ def save_checkpoint(root: Union[str, Path], iteration: int, chunks: list, optimi
     dist.barrier()
     has_trainable = any(_trainable_names(model) for model in unwrap_model(chunks))
     optimizer_state = _optimizer_state(optimizer, distributed_optimizer, has_trainable)
+    named = reshard.named_optimizer_state(chunks, optimizer) if has_trainable else None  # collective (DP)
     digest = None
-    if ps.get_data_parallel_rank() == 0:
+    if ps.get_data_parallel_rank(with_context_parallel=True) == 0:  # one writer per TP/PP position
         path = _rank_file(tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({
             "iteration": iteration, "consumed_samples": consumed_samples,
             "model": trainable_state_dict(chunks), "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "layers": [[r.start, r.stop] for r in reshard.layer_ranges(chunks)], "optimizer_named": named,
         }, path)
         digest = (path.relative_to(tmp).as_posix(), sha256(path))
     digests = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(digest, digests, dst=0)  # rank 0 also learns that every rank file is written
     keep_last.written.append(iteration)
     if dist.get_rank() == 0:
-        meta = {"iteration": iteration, "consumed_samples": consumed_samples, **config_record}
+        meta = {"format": FORMAT, "iteration": iteration, "consumed_samples": consumed_samples, **config_record}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         write_checksums(tmp, {**dict(d for d in digests if d is not None), META_FILE: sha256(tmp / META_FILE)})
         replace_dir(tmp, final)
@@ -239,13 +254,43 @@ def differences(saved: Any, current: Any, path: str = "") -> list[str]:
 
 
 def check_compatible(meta: dict, config_record: dict, directory: Path) -> None:
-    """Refuse a checkpoint from another model config or layout (only the data-parallel size may change)."""
+    """Refuse a checkpoint from another model config (the parallel layout may change)."""
     current = json.loads(json.dumps({key: config_record.get(key) for key in RESUME_KEYS}))  # tuples as in JSON
     diffs = differences({key: meta.get(key) for key in RESUME_KEYS}, current)
     if diffs:
-        raise CheckpointError(f"checkpoint {directory} was saved with another model or layout (only the "
-                              f"data-parallel size may change on resume): {'; '.join(diffs)}. Resume with the saved "
+        raise CheckpointError(f"checkpoint {directory} was saved with another model or layout (the parallel layout "
+                              f"may change on resume, the model may not): {'; '.join(diffs)}. Resume with the saved "
                               "settings, or pass another --save to start a new run")
+
+
+def _layout(record: dict, distributed_optimizer: Optional[bool]) -> dict:
+    """TP, PP, VPP, pp_layers and the optimizer kind of a config record (JSON values)."""
+    layout = json.loads(json.dumps({key: record.get(key) for key in PARALLEL_KEYS}))
+    return {**layout, "distributed_optimizer": distributed_optimizer}
+
+
+def _saved_layout(meta: dict, distributed_optimizer: bool) -> dict:
+    saved = meta.get("run", {}).get("parallelism", {}).get("use_distributed_optimizer", distributed_optimizer)
+    return _layout(meta, saved)
+
+
+def describe_layout(layout: dict, dp: Optional[int]) -> str:
+    """``TP2 x PP2 (VPP 2) x DP1 with the distributed optimizer``."""
+    text = f"TP{layout['tp']} x PP{layout['pp']}"
+    text += f" (VPP {layout['vpp']})" if layout.get("vpp") else ""
+    text += f" (layers {layout['pp_layers']})" if layout.get("pp_layers") else ""
+    text += f" x DP{dp}" if dp is not None else ""
+    return text + (" with the distributed optimizer" if layout.get("distributed_optimizer") else "")
+
+
+def check_layout_change(meta: dict, saved: dict, current: dict, directory: Path) -> None:
+    """A checkpoint written before resharding (no ``format``) resumes at its own layout only."""
+    diffs = differences(saved, current)
+    if diffs and meta.get("format") != FORMAT:
+        flags = ", ".join(LAYOUT_FLAGS[d.split(":")[0]] for d in diffs)
+        raise CheckpointError(f"checkpoint {directory} was written before checkpoints could change layout, so it "
+                              f"resumes at its own layout only (any data-parallel size): {'; '.join(diffs)}. Resume "
+                              f"with the saved {flags}, or pass another --save to start a new run")
 
 
 def check_schedule(saved: dict, fresh: dict, path: Path) -> None:
@@ -294,8 +339,9 @@ def _fix_for(root: Path, iteration: int) -> str:
 def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, *, distributed_optimizer: bool,
                     config_record: dict, iteration: Optional[int] = None) -> dict:
     """Restore trainable weights, optimizer, scheduler and RNG from ``iteration`` (default: the tracker's), after
-    checking every file it reads against ``SHA256SUMS``, the config and the LR schedule. Returns {"iteration",
-    "consumed_samples"}."""
+    checking every file it reads against ``SHA256SUMS``, the config and the LR schedule. At another TP / PP / VPP
+    layout or optimizer kind every rank file is read and resharded (``reshard.py``). Returns {"iteration",
+    "consumed_samples", "layout_change": None or "saved at ..., resumed at ..."}."""
     root = Path(root)
     iteration = read_tracker(root) if iteration is None else iteration
     directory = iteration_dir(root, iteration)
@@ -311,27 +357,91 @@ def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, 
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path} is corrupt (cannot be read: {e}): {fix}") from None
     check_compatible(meta, config_record, directory)
-    path = _rank_file(directory)
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: {directory} was saved with another tensor/pipeline layout")
+    saved, current = _saved_layout(meta, distributed_optimizer), _layout(config_record, distributed_optimizer)
+    check_layout_change(meta, saved, current, directory)
+    if saved == current:
+        path = _rank_file(directory)
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: {directory} is incomplete: {fix}")
+        state = _read_rank_file(directory, path, digests, fix)
+        if not scheduler.override_opt_param_scheduler:
+            check_schedule(state["scheduler"], scheduler.state_dict(), path)
+        for model, saved_model in zip(unwrap_model(chunks), state["model"]):
+            expected = _trainable_names(model)
+            if set(saved_model) != expected:
+                _refuse_trainable_set(path, set(saved_model), expected)
+            model.load_state_dict(saved_model, strict=False)
+        if state["optimizer"] is not None:
+            _load_optimizer(optimizer, state["optimizer"], distributed_optimizer)
+        set_rng_state(state["rng"])
+    else:
+        state = _load_resharded(directory, meta, digests, fix, chunks, optimizer, scheduler)
+    scheduler.load_state_dict(state["scheduler"])
+    change = None
+    if saved != current or meta.get("dp") != config_record.get("dp"):
+        change = (f"saved at {describe_layout(saved, meta.get('dp'))}, resumed at "
+                  f"{describe_layout(current, config_record.get('dp'))}")
+    return {"iteration": state["iteration"], "consumed_samples": state["consumed_samples"], "layout_change": change}
+
+
+def _read_rank_file(directory: Path, path: Path, digests, fix: str) -> dict:
     verify(directory, path.relative_to(directory).as_posix(), digests, fix)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, IndexError ... for a damaged file
         raise CheckpointError(f"{path} is corrupt (cannot be read: {type(e).__name__}: {e}): {fix}") from e
+
+
+def _refuse_trainable_set(path: Path, saved: set, expected: set) -> None:
+    raise CheckpointError(f"checkpoint {path} holds trainable parameters that differ from this run's trainable set "
+                          f"(another --trainable policy?): {sorted(saved ^ expected)[:5]}")
+
+
+def _load_resharded(directory: Path, meta: dict, digests, fix: str, chunks: list, optimizer, scheduler) -> dict:
+    """Every saved rank file, merged to the full naming and sliced for this rank: trainable weights, fp32 main
+    params, Adam moments and steps (and fp16's loss scale). Returns rank (0, 0)'s state for the scheduler and the
+    data position. RNG states are per rank and stay this run's freshly seeded ones."""
+    states = []
+    for tp_rank in range(meta["tp"]):
+        for pp_rank in range(meta["pp"]):
+            path = rank_dir(directory, tp_rank, pp_rank, pp_suffix=True) / RANK_FILE
+            if not path.is_file():
+                raise CheckpointError(f"{path} not found: {directory} is incomplete ({meta['tp']} x {meta['pp']} "
+                                      f"rank files expected): {fix}")
+            states.append((tp_rank, pp_rank, _read_rank_file(directory, path, digests, fix)))
+    first = states[0][2]
     if not scheduler.override_opt_param_scheduler:
-        check_schedule(state["scheduler"], scheduler.state_dict(), path)
-    for model, saved in zip(unwrap_model(chunks), state["model"]):
-        expected = _trainable_names(model)
-        if set(saved) != expected:
-            raise CheckpointError(f"checkpoint {path} holds trainable parameters that differ from this run's "
-                                  f"trainable set (another --trainable policy?): {sorted(set(saved) ^ expected)[:5]}")
-        model.load_state_dict(saved, strict=False)
-    if state["optimizer"] is not None:
-        _load_optimizer(optimizer, state["optimizer"], distributed_optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return {"iteration": state["iteration"], "consumed_samples": state["consumed_samples"]}
+        check_schedule(first["scheduler"], scheduler.state_dict(), directory / META_FILE)
+    weights, optim = reshard.merge_rank_states(states, meta["tp"])
+    model = unwrap_model(chunks)[0]
+    expected = reshard.global_trainable_names(chunks)  # collective
+    saved = {n for n in weights if not reshard.is_tied_copy(n, model)}
+    if saved != expected:
+        _refuse_trainable_set(directory, saved, expected)
+    local_weights, local_optim = reshard.local_state(weights, optim, chunks, meta["model"]["llm"]["vocab_size"])
+    for chunk, local in zip(unwrap_model(chunks), local_weights):
+        chunk.load_state_dict(local, strict=False)
+    if any(local_weights):
+        optimizer.reload_model_params()
+        common = _saved_common(states)
+        groups = [g for c in common for g in c.get("optimizer", c)["param_groups"]]  # megatron nests torch's
+        steps = [g["step"] for g in groups if g.get("step") is not None]
+        reshard.set_named_optimizer_state(chunks, optimizer, local_optim, max(steps) if steps else None)
+        scaler = next((c["grad_scaler"] for c in common if c.get("grad_scaler") is not None), None)
+        for part in _parts(optimizer):
+            if scaler is not None and getattr(part, "grad_scaler", None) is not None:
+                part.grad_scaler.load_state_dict(scaler)
+    return first
+
+
+def _saved_common(states: list) -> list[dict]:
+    """megatron's optimizer state dicts (one per chained optimizer) of the saved stages that train something."""
+    out = []
+    for _tp, _pp, state in states:
+        if state["optimizer"] is not None:
+            common = state["optimizer"]["common"]
+            out += common if isinstance(common, list) else [common]
+    return out
 
 
 def _load_optimizer(optimizer, opt: dict, distributed_optimizer: bool) -> None:
@@ -345,4 +455,5 @@ def _load_optimizer(optimizer, opt: dict, distributed_optimizer: bool) -> None:
     if distributed_optimizer:
         _unshare_adam_steps(optimizer)
         for part, param_state in zip(_parts(optimizer), opt["param_state"]):
-            _load_dp_zero_state(part, param_state if ps.get_data_parallel_rank() == 0 else None)
+            root = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+            _load_dp_zero_state(part, param_state if root else None)

@@ -9,8 +9,9 @@ Typical use::
     transform = ENCODERS["clip-vit-l-14-224"].preprocess.transform()  # the encoder's pixels (model/vision)
     loader = build_dataloader(ds, transform, batch_size=1, dp_rank=r, dp_size=n)
 
-The synthetic data set (``data/synthetic.py``) is not re-exported here: it runs as ``python -m``, and a module
-its package imports first would be imported twice.
+The synthetic data sets (``data/synthetic.py``, ``data/synthetic_grounding.py``) are not re-exported here: they run
+as ``python -m``, and a module its package imports first would be imported twice. Grounding (boxes as text) lives
+in ``data/boxes.py`` (docs/grounding.md).
 """
 
 from megatron_visualchat.data.blend import BlendPlan, DatasetSpec, build_blend_plan

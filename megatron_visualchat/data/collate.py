@@ -20,8 +20,9 @@ Output (all [B, L] tensors are at the final, spliced length L = longest row, or 
 Invariant the model relies on: the image positions taken in row-major order, in chunks of ``num_image_tokens``,
 are the images of ``pixel_values`` in order (``image_id`` of each chunk = running index within its row).
 
-Packing (``pack=True``) fills rows greedily in sample order up to ``pad_to`` (or ``max_seq_len``) positions, so B
-is the number of rows needed (<= number of samples); ``sample_id`` keeps MMCA from attending across samples.
+``__call__(samples)`` puts one sample per row; ``collate_bins(bins)`` puts each bin (a list of whole samples, in
+order, chosen by ``data/pack.py``) in one row of exactly ``pad_to`` positions, pads only at its end; ``sample_id``
+keeps MMCA from attending across samples.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ class VisualChatCollator:
         image_transform: Callable,
         max_seq_len: int,
         pad_to: int | None = None,
-        pack: bool = False,
         image_size: int | tuple[int, int] | None = None,
     ):
         """``tokenizer_or_ids``: anything with ``image_id``/``pad_id`` attributes, or a mapping with those keys."""
@@ -72,7 +72,6 @@ class VisualChatCollator:
         self.image_transform = image_transform
         self.max_seq_len = max_seq_len
         self.pad_to = pad_to
-        self.pack = pack
         self.image_size = _image_size(image_size, image_transform)
 
     def _expand(self, sample: dict) -> dict:
@@ -105,26 +104,30 @@ class VisualChatCollator:
             "length": length,
         }
 
-    def _rows(self, expanded: list[dict]) -> list[list[int]]:
-        if not self.pack:
-            return [[i] for i in range(len(expanded))]
-        capacity = self.pad_to or self.max_seq_len
-        rows, used = [], capacity + 1
-        for i, e in enumerate(expanded):
-            if used + e["length"] > capacity:
-                rows.append([])
-                used = 0
-            rows[-1].append(i)
-            used += e["length"]
-        return rows
+    def length(self, sample: dict) -> int:
+        """Positions ``sample`` takes once every ``<image>`` is expanded (what a bin's capacity is measured in)."""
+        return len(sample["input_ids"]) + len(sample["image_positions"]) * (self.num_image_tokens - 1)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        if not samples:
-            raise ValueError("cannot collate an empty list of samples")
-        expanded = [self._expand(s) for s in samples]
-        rows = self._rows(expanded)
-        longest = max(sum(expanded[i]["length"] for i in row) for row in rows)
-        L = self.pad_to or longest
+        """One sample per row; rows padded to ``pad_to``, else to the longest."""
+        return self._assemble([[s] for s in samples])
+
+    def collate_bins(self, bins: list[list[dict]]) -> dict[str, torch.Tensor]:
+        """One bin per row, each row exactly ``pad_to`` positions."""
+        if self.pad_to is None:
+            raise ValueError("collate_bins needs pad_to (the bin capacity, --seq-length)")
+        return self._assemble(bins)
+
+    def _assemble(self, rows: list[list[dict]]) -> dict[str, torch.Tensor]:
+        if not rows or not all(rows):
+            raise ValueError("cannot collate an empty list of samples (or an empty bin)")
+        expanded = [[self._expand(s) for s in row] for row in rows]
+        lengths = [sum(e["length"] for e in row) for row in expanded]
+        L = self.pad_to or max(lengths)
+        if max(lengths) > L:
+            b = lengths.index(max(lengths))
+            raise ValueError(f"bin {b} (samples {[s.get('index', '?') for s in rows[b]]}) holds {lengths[b]} "
+                             f"positions > pad_to={L}")
         B = len(rows)
         out = {
             "tokens": torch.full((B, L), self.pad_id, dtype=torch.long),
@@ -136,20 +139,20 @@ class VisualChatCollator:
             "num_images": torch.zeros(B, dtype=torch.long),
         }
         pixels = []
-        for b, row in enumerate(rows):
+        for b, (row, samples) in enumerate(zip(expanded, rows)):
             start, images_before = 0, 0
-            for k, i in enumerate(row):
-                e, n = expanded[i], expanded[i]["length"]
+            for k, (e, sample) in enumerate(zip(row, samples)):
+                n = e["length"]
                 span = slice(start, start + n)
                 for key in ("tokens", "labels", "modality"):
                     out[key][b, span] = e[key]
                 out["image_id"][b, span] = torch.where(e["image_id"] >= 0, e["image_id"] + images_before, NO_IMAGE)
                 out["position_ids"][b, span] = torch.arange(n)
                 out["sample_id"][b, span] = k
-                pixels += [self._pixels(im, samples[i]) for im in samples[i]["images"]]
+                pixels += [self._pixels(im, sample) for im in sample["images"]]
                 images_before += e["num_images"]
                 start += n
-            last_length = expanded[row[-1]]["length"]
+            last_length = row[-1]["length"]
             out["position_ids"][b, start:] = torch.arange(last_length, last_length + L - start)
             out["num_images"][b] = images_before
         out["loss_mask"] = (out["labels"] != IGNORE_INDEX).float()

@@ -7,6 +7,9 @@ record index), so a bad record met again in a later epoch is not counted again. 
 (``--strict-data``) the first bad record raises SampleError naming its file and index. Counts in
 ``dataset.skipped`` are per process; with DataLoader workers read the aggregated ``VisualChatDataLoader.skipped``
 (each sample carries the records skipped while building it, as ``skipped``: {(dataset, record): reason}).
+
+Grounding records carry box markers (``boxes.py``); their images are decoded before the text is tokenized, since a
+box is written in the frame the encoder sees, which depends on the image's size (``boxes``: a ``BoxRenderer``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .blend import BlendPlan, DatasetSpec, build_blend_plan
+from .boxes import BoxRenderer, has_boxes
 from .conversation import Conversation
 from .encode import ConversationEncoder
 from .errors import SampleError, SkipLog
@@ -38,6 +42,7 @@ class VisualChatDataset(Dataset):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_consecutive_skips: int = 1000,
+        boxes: BoxRenderer | None = None,
     ):
         if len(plan) == 0:
             raise ValueError("empty blend plan")
@@ -45,6 +50,7 @@ class VisualChatDataset(Dataset):
         self.seed, self.strict = seed, strict
         self.max_image_pixels, self.max_image_bytes = max_image_pixels, max_image_bytes
         self.max_consecutive_skips = max_consecutive_skips
+        self.boxes = boxes
         self.skip_log = SkipLog()
 
     @property
@@ -87,13 +93,15 @@ class VisualChatDataset(Dataset):
         rng = random.Random(f"{self.seed}:{int(self.plan.item_ids[item])}")
         parts: list[Conversation] = []
         keys: list[tuple[int, int]] = []  # (dataset, record) of each part
+        decoded: dict = {}  # image ref -> image decoded early (to write boxes)
         for record in members:
             key = (source_id, int(record))
             try:
-                parts.append(source.conversation(key[1], rng))
+                conv = source.conversation(key[1], rng)
+                parts.append(self._render_boxes(conv, decoded) if has_boxes(conv) else conv)
                 keys.append(key)
             except SampleError as e:
-                self._skip(e, key, skipped)
+                self._skip(e.at(source.where(key[1])), key, skipped)
         while parts:
             conv = Conversation.concat(parts) if len(parts) > 1 else parts[0]
             try:
@@ -107,7 +115,7 @@ class VisualChatDataset(Dataset):
             for rnd, member in zip(kept.rounds, kept.members):
                 for ref in rnd.images:
                     try:
-                        images.append(load_image(ref, self.max_image_pixels, self.max_image_bytes))
+                        images.append(decoded[ref] if ref in decoded else self._load(ref))
                     except SampleError as e:
                         failed = member
                         self._skip(e.at(parts[member].origin), keys[member], skipped)
@@ -125,6 +133,19 @@ class VisualChatDataset(Dataset):
             }
         return None
 
+    def _load(self, ref):
+        return load_image(ref, self.max_image_pixels, self.max_image_bytes)
+
+    def _render_boxes(self, conv: Conversation, decoded: dict) -> Conversation:
+        if self.boxes is None:
+            raise ValueError(f"{conv.origin}: grounding boxes are written in the frame the vision encoder sees: "
+                             f"build the dataset with image_preprocess= (the encoder's ImagePreprocess; validate-data: "
+                             f"--vision-encoder)")
+        for ref in conv.images:
+            if ref not in decoded:
+                decoded[ref] = self._load(ref)
+        return self.boxes.render(conv, [decoded[ref].size for ref in conv.images])
+
 
 def build_train_dataset(
     specs: list[DatasetSpec | dict],
@@ -141,10 +162,14 @@ def build_train_dataset(
     strict: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    image_preprocess=None,
+    box_outside: str = "clip",
 ) -> VisualChatDataset:
     """Open every dataset, build the seeded blend plan and return its ``split`` ("train", "eval" or "all").
 
     ``eval_fraction`` holds out that share of the blended items as "eval" (DS-VisualChat: 0.1 of the mix).
+    ``image_preprocess`` (the encoder's ``ImagePreprocess``) is needed by grounding data: boxes are written in the
+    template's ``box_format`` (a dataset's ``box_format`` option overrides it), ``box_outside`` per ``boxes.fit_box``.
     """
     splits = ("train", "eval", "all")
     if split not in splits:
@@ -160,5 +185,7 @@ def build_train_dataset(
         tokenizer, template, max_seq_len=max_seq_len, num_image_tokens=num_image_tokens,
         max_images=max_images_per_sample,
     )
+    boxes = None if image_preprocess is None else BoxRenderer(image_preprocess, encoder.template.box_format,
+                                                              box_outside)
     return VisualChatDataset(sources, plan, encoder, seed=seed, strict=strict, max_image_pixels=max_image_pixels,
-                             max_image_bytes=max_image_bytes)
+                             max_image_bytes=max_image_bytes, boxes=boxes)

@@ -25,6 +25,7 @@ SKIP_REASONS = frozenset(
         "image_too_large",  # over the decompression-bomb pixel cap, or the encoded-bytes cap
         "too_long",  # the first round alone exceeds max_seq_len
         "too_many_images",  # the first round alone exceeds max_images_per_sample
+        "box_outside",  # a grounding box the image crop cuts (--box-outside skip) or removes entirely
     }
 )
 

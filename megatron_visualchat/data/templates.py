@@ -52,6 +52,7 @@ LLAVA_V1_SYSTEM = (
 class Template(ABC):
     system: str
     image_ref_format: str = "image {n}"  # how an in-text reference to image number n is written
+    box_format: str = "norm3"  # how grounding boxes are written (data/boxes.py BOX_FORMATS)
 
     @abstractmethod
     def round_pieces(self, index: int, rnd: Round, first_image_number: int) -> list[Piece]:

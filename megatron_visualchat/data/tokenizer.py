@@ -4,6 +4,9 @@ The added tokens are *appended* after the sentencepiece vocabulary (image = sp_v
 ids of the frozen LLM's 32000 pieces never move and the trainable embedding copy only grows at the end. ``save``
 writes the exact sp model next to a small JSON of the added tokens so a checkpoint is self-describing.
 
+``image_codebook_size=K > 0`` appends an image vocabulary after those (``<boi>``, ``<eoi>``, K code tokens, the CM3
+sentinels; ids from ``ImageCodeVocab``, the one home of that mapping) so images can be written as tokens.
+
 Text pieces are encoded one sentencepiece "sentence" at a time (as HF's legacy LLaMA tokenizer does between special
 tokens): sentencepiece adds its dummy-prefix space, so one leading space of a piece is absorbed into it.
 """
@@ -17,6 +20,8 @@ import os
 
 import sentencepiece as spm
 
+from ..model.image_tokenizer.vocab import ImageCodeVocab
+
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 ADDED_TOKENS = (IMAGE_TOKEN, PAD_TOKEN)  # order fixes the ids: sp_vocab + position
@@ -25,13 +30,16 @@ ADDED_TOKENS_FILE = "added_tokens.json"
 
 
 class VisualChatTokenizer:
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, image_codebook_size: int = 0):
         self._proto = model_proto
+        self.image_codebook_size = image_codebook_size
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.sp_vocab_size = self._sp.get_piece_size()
         self.added_tokens = {token: self.sp_vocab_size + i for i, token in enumerate(ADDED_TOKENS)}
         self.image_id = self.added_tokens[IMAGE_TOKEN]
         self.pad_id = self.added_tokens[PAD_TOKEN]
+        self.image_vocab = (ImageCodeVocab(self.sp_vocab_size + len(ADDED_TOKENS), image_codebook_size)
+                            if image_codebook_size else None)
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
@@ -40,18 +48,18 @@ class VisualChatTokenizer:
         self._dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
 
     @classmethod
-    def from_model_file(cls, path: str) -> "VisualChatTokenizer":
+    def from_model_file(cls, path: str, image_codebook_size: int = 0) -> "VisualChatTokenizer":
         """From a LLaMA-2 ``tokenizer.model`` (or any sentencepiece model with BOS/EOS)."""
         with open(path, "rb") as f:
-            return cls(f.read())
+            return cls(f.read(), image_codebook_size)
 
     @classmethod
     def load(cls, directory: str) -> "VisualChatTokenizer":
         """Load what ``save`` wrote, checking that the added-token ids are the ones the checkpoint was trained with."""
-        tok = cls.from_model_file(os.path.join(directory, MODEL_FILE))
         meta_path = os.path.join(directory, ADDED_TOKENS_FILE)
         with open(meta_path) as f:
             meta = json.load(f)
+        tok = cls.from_model_file(os.path.join(directory, MODEL_FILE), int(meta.get("image_codebook_size", 0)))
         if meta.get("added_tokens") != tok.added_tokens or meta.get("sp_vocab_size") != tok.sp_vocab_size:
             raise ValueError(
                 f"{meta_path}: added tokens {meta.get('added_tokens')} (sp vocab {meta.get('sp_vocab_size')}) do not "
@@ -66,6 +74,8 @@ class VisualChatTokenizer:
         with open(os.path.join(directory, MODEL_FILE), "wb") as f:
             f.write(self._proto)
         meta = {"sp_vocab_size": self.sp_vocab_size, "added_tokens": self.added_tokens, "sp_model_sha256": self.sha256}
+        if self.image_vocab is not None:
+            meta["image_codebook_size"] = self.image_codebook_size
         with open(os.path.join(directory, ADDED_TOKENS_FILE), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -75,8 +85,9 @@ class VisualChatTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Rows the embedding / output layer need (sp pieces + added tokens), before Megatron's padding."""
-        return self.sp_vocab_size + len(ADDED_TOKENS)
+        """Rows the embedding / output layer need (sp pieces + added tokens + image vocabulary), before Megatron's
+        padding."""
+        return self.sp_vocab_size + len(ADDED_TOKENS) + (self.image_vocab.num_tokens if self.image_vocab else 0)
 
     def encode(self, text: str) -> list[int]:
         """Piece ids of ``text`` (no BOS/EOS)."""
@@ -98,6 +109,8 @@ class VisualChatTokenizer:
                 run = []
             if i == self.image_id:
                 out.append(IMAGE_TOKEN)
+            elif self.image_vocab is not None and self.image_vocab.base_id <= i < self.vocab_size:
+                out.append(self.image_vocab.token_name(i))
             elif i >= self.sp_vocab_size and i != self.pad_id:
                 raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
         if run:
@@ -105,10 +118,10 @@ class VisualChatTokenizer:
         return "".join(out)
 
     def __getstate__(self):
-        return {"model_proto": self._proto}
+        return {"model_proto": self._proto, "image_codebook_size": self.image_codebook_size}
 
     def __setstate__(self, state):
-        self.__init__(state["model_proto"])
+        self.__init__(state["model_proto"], state.get("image_codebook_size", 0))
 
 
 def train_tiny_sentencepiece(out_dir: str, corpus_lines, vocab_size: int = 512) -> VisualChatTokenizer:

@@ -5,12 +5,14 @@ tokenize under ``--seq-length`` / ``--max-images``, open and decode the images i
 ``VisualChatDataset`` code. Weights, sample counts and concatenation are ignored: the question is which records
 training would skip. The report is the skip table by reason and the first offenders of each reason (file, record
 index, message). Exit status: 0 when every record is usable, 1 when any was skipped, 2 when the data cannot be
-opened at all (a missing or unparsable ``.json`` file, a bad spec).
+opened at all (a missing or unparsable ``.json`` file, a bad spec). Grounding data writes its boxes in the frame of
+``--vision-encoder`` (with ``--vision-encoder-options``), so boxes the encoder's crop cuts show up as ``box_outside``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from typing import Optional, Sequence, TextIO
@@ -18,6 +20,7 @@ from typing import Optional, Sequence, TextIO
 import numpy as np
 
 from .blend import SPEC_SYNTAX, BlendPlan, DatasetSpec, parse_spec_text
+from .boxes import BOX_OUTSIDE, BoxRenderer
 from .dataset import VisualChatDataset
 from .encode import ConversationEncoder
 from .formats import open_source
@@ -25,9 +28,11 @@ from .tokenizer import VisualChatTokenizer
 
 
 def scan(specs: list[DatasetSpec | dict], tokenizer, *, template: str = "dsvc", seq_length: int = 4096,
-         max_images: int = 8, image_tokens: int = 256, image_root: Optional[str] = None) -> VisualChatDataset:
+         max_images: int = 8, image_tokens: int = 256, image_root: Optional[str] = None,
+         image_preprocess=None, box_outside: str = "clip") -> VisualChatDataset:
     """Build every record once; the returned dataset's ``skip_log`` holds the counts and first offenders.
-    ``image_root`` is the image store of every spec that names none (its ``images`` option)."""
+    ``image_root`` is the image store of every spec that names none (its ``images`` option); grounding boxes are
+    placed with ``image_preprocess`` (the encoder's) and ``box_outside`` as training does."""
     specs = [DatasetSpec.coerce(s) for s in specs]
     if image_root is not None:
         specs = [s if "images" in s.options else replace(s, options={**s.options, "images": image_root})
@@ -38,7 +43,9 @@ def scan(specs: list[DatasetSpec | dict], tokenizer, *, template: str = "dsvc", 
         raise ValueError(f"no records in {[s.path for s in specs]}")
     encoder = ConversationEncoder(tokenizer, template, max_seq_len=seq_length, num_image_tokens=image_tokens,
                                   max_images=max_images)
-    dataset = VisualChatDataset(sources, BlendPlan.from_items(items), encoder)
+    boxes = None if image_preprocess is None else BoxRenderer(image_preprocess, encoder.template.box_format,
+                                                              box_outside)
+    dataset = VisualChatDataset(sources, BlendPlan.from_items(items), encoder, boxes=boxes)
     for item in range(len(dataset)):
         dataset.build_item(item)
     return dataset
@@ -78,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=int, default=256,
                    help="positions per image, as the model sees them (the projector's output tokens: 256 for "
                         "qwen-vl-vit-bigg-14-448 + linear, 257 for clip-vit-l-14-224 + linear)")
+    p.add_argument("--vision-encoder", default=None,
+                   help="grounding data: the encoder whose preprocessing places the boxes (as training's flag)")
+    p.add_argument("--vision-encoder-options", type=json.loads, default={},
+                   help='grounding data: as training\'s flag, e.g. {"resize": "pad"}')
+    p.add_argument("--box-outside", choices=BOX_OUTSIDE, default="clip", help="as training's flag")
     return p
 
 
@@ -86,9 +98,15 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
     out = stdout or sys.stdout
     try:
         specs = [s for text in args.data for s in parse_spec_text(text)]
+        preprocess = None
+        if args.vision_encoder is not None:
+            from megatron_visualchat.model.vision import EncoderOptions, get_encoder_spec  # timm: only when asked
+
+            options = EncoderOptions.parse(args.vision_encoder, args.vision_encoder_options)
+            preprocess = get_encoder_spec(args.vision_encoder).image_preprocess(options)
         dataset = scan(specs, VisualChatTokenizer.load(args.tokenizer_dir), template=args.template,
                        seq_length=args.seq_length, max_images=args.max_images, image_tokens=args.image_tokens,
-                       image_root=args.image_root)
+                       image_root=args.image_root, image_preprocess=preprocess, box_outside=args.box_outside)
     except (ValueError, OSError) as e:
         out.write(f"validate-data: cannot read the data: {e}\n")
         return 2

@@ -12,7 +12,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_visualchat.checkpoint.adapters import read_adapters
 from megatron_visualchat.checkpoint.chat import load_chat_checkpoint, read_chat_config
-from megatron_visualchat.config import ParallelConfig
+from megatron_visualchat.config import ConfigError, ParallelConfig
 from megatron_visualchat.data import VisualChatTokenizer
 from megatron_visualchat.model.lora import fold_adapters
 from megatron_visualchat.model.visualchat import VisualChatModel
@@ -23,6 +23,10 @@ def build_chat_model(load_dir: Union[str, Path], *, dtype: torch.dtype = torch.f
     """(model, tokenizer, cfg) for chat at the current TP size, weights from ``load_dir``; model in eval mode.
     ``adapters``: an ``--export-adapters`` directory folded into those weights (``checkpoint/adapters.py``)."""
     cfg = read_chat_config(load_dir)
+    if cfg.attention.mode == "cross":
+        raise ConfigError(f"{load_dir} was trained with attention mode 'cross', which chat, serve and eval-replay do "
+                          "not support yet (no KV-cached cross-attention decode); measure it with the trainer's "
+                          "held-out accuracy (--eval-interval)")
     # The encoder's weights come from the checkpoint file, not from the path it was trained from.
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, encoder_weights=None),
                       parallel=ParallelConfig(tp=ps.get_tensor_model_parallel_world_size())).validate()

@@ -6,10 +6,13 @@ Input: a JSON object ``{conversation name: [round, ...]}``. A round is DS-Visual
 
     {"question": str, "images": "a.jpg b.jpg" | [paths], "answer": str | [str, ...] | [x1, y1, x2, y2],
      "scorer": "exact_match" | "vqa_accuracy" | "box_iou", "box_format": "pixel" | "normalized",
-     "box_image": k}
+     "box_image": k, "box_text": "norm3" | "qwen" | "pixel"}
 
 ``answer`` is the reference; without ``scorer`` a 4-number answer is scored with ``box_iou`` and text with
 ``exact_match``. A box refers to image ``box_image`` of the conversation (1-based; default the last one shown).
+``box_text`` names the format a grounding-trained model writes boxes in (``data/boxes.py``): the answer's box is
+read in the encoder's frame and mapped back to the source image through the session's preprocessing; the summary
+gives such rounds' accuracy@IoU>=0.5 and mean IoU (REC, ``docs/grounding.md``).
 Image paths are resolved against ``image_root`` (DS-VisualChat's files use paths relative to its repo) and must
 stay inside it, symlinks resolved, and be regular files within the chat's byte cap: ``../``, an absolute path
 elsewhere, a FIFO or a device is an error naming the file, conversation and round. The file must be UTF-8 JSON.
@@ -28,13 +31,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from megatron_visualchat.data.boxes import BOX_FORMATS as BOX_TEXT_FORMATS
 from megatron_visualchat.data.files import FileRefused, check_regular, confined
 from megatron_visualchat.data.images import DEFAULT_MAX_IMAGE_BYTES
 from megatron_visualchat.data.lazy import load_json
 from megatron_visualchat.inference.scoring import BOX_FORMATS, ScoreContext, get_scorer
 from megatron_visualchat.inference.session import ChatInputError, ChatSession
 
-_ROUND_KEYS = {"question", "images", "answer", "scorer", "box_format", "box_image"}
+_ROUND_KEYS = {"question", "images", "answer", "scorer", "box_format", "box_image", "box_text"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class EvalRound:
     scorer: Optional[str] = None
     box_format: str = "pixel"
     box_image: Optional[int] = None
+    box_text: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,12 @@ def _parse_round(raw, where: str, image_root: Path) -> EvalRound:
     box_image = raw.get("box_image")
     if box_image is not None and (not isinstance(box_image, int) or box_image < 1):
         raise ValueError(f"{where}: box_image={box_image!r} must be an image number >= 1")
+    box_text = raw.get("box_text")
+    if box_text is not None and (box_text not in BOX_TEXT_FORMATS or scorer != "box_iou"):
+        raise ValueError(f"{where}: box_text={box_text!r} needs a box answer and is one of "
+                         f"{sorted(BOX_TEXT_FORMATS)}")
     paths = tuple(_image_path(p, where, image_root) for p in images)
-    return EvalRound(question, paths, reference, scorer, box_format, box_image)
+    return EvalRound(question, paths, reference, scorer, box_format, box_image, box_text)
 
 
 def load_eval_file(path: Union[str, Path], image_root: Union[str, Path, None] = None) -> list[EvalConversation]:
@@ -136,6 +145,7 @@ class RoundRecord:
     scorer: Optional[str] = None
     score: Optional[float] = None
     score_detail: str = ""
+    iou: Optional[float] = None
     finish_reason: str = ""
     prompt_positions: int = 0
     new_tokens: int = 0
@@ -146,7 +156,13 @@ class RoundRecord:
 def _score(session: ChatSession, rnd: EvalRound, answer: str):
     number = rnd.box_image or len(session.image_sizes)
     size = session.image_sizes[number - 1] if 1 <= number <= len(session.image_sizes) else None
-    return get_scorer(rnd.scorer)(answer, rnd.reference, ScoreContext(size, rnd.box_format))
+    geometry = None
+    if rnd.box_text is not None and size is not None:
+        preprocess = getattr(session.image_transform, "preprocess", None)
+        if preprocess is None:
+            raise ValueError("box_text needs the session's image transform to declare its preprocessing")
+        geometry = preprocess.geometry(*size)
+    return get_scorer(rnd.scorer)(answer, rnd.reference, ScoreContext(size, rnd.box_format, rnd.box_text, geometry))
 
 
 def replay(session: ChatSession, conversations: list[EvalConversation],
@@ -171,7 +187,7 @@ def replay(session: ChatSession, conversations: list[EvalConversation],
                     except ValueError as e:
                         rec.error = f"cannot score: {e}"
                     else:
-                        rec.score, rec.score_detail = score.value, score.detail
+                        rec.score, rec.score_detail, rec.iou = score.value, score.detail, score.iou
             records.append(rec)
             if on_record is not None:
                 on_record(rec)
@@ -179,7 +195,7 @@ def replay(session: ChatSession, conversations: list[EvalConversation],
 
 
 CSV_COLUMNS = ("conversation", "round", "images", "image_numbers", "question", "answer", "reference", "scorer",
-               "score", "score_detail", "finish_reason", "prompt_positions", "new_tokens", "seconds", "error")
+               "score", "score_detail", "iou", "finish_reason", "prompt_positions", "new_tokens", "seconds", "error")
 
 
 def _cell(value) -> str:
@@ -210,7 +226,8 @@ def write_jsonl(records: list[RoundRecord], path: Union[str, Path]) -> None:
 
 
 def summarize(records: list[RoundRecord]) -> list[dict]:
-    """One row per scorer (in order of first use) and one for all rounds."""
+    """One row per scorer (in order of first use) and one for all rounds; box rows add the mean IoU (a failed or
+    box-less round counts 0)."""
     groups: dict[str, list[RoundRecord]] = {}
     for rec in records:
         if rec.scorer:
@@ -223,6 +240,7 @@ def summarize(records: list[RoundRecord]) -> list[dict]:
         rows.append(dict(
             scorer=name, rounds=len(recs), errors=len(recs) - len(ok),
             score=(100.0 * sum(scored) / len(recs)) if name != "all rounds" and recs else None,
+            mean_iou=(sum(r.iou or 0.0 for r in recs) / len(recs)) if name == "box_iou" and recs else None,
             seconds_per_round=sum(r.seconds for r in ok) / len(ok) if ok else None,
             new_tokens=sum(r.new_tokens for r in ok)))
     return rows
@@ -230,9 +248,12 @@ def summarize(records: list[RoundRecord]) -> list[dict]:
 
 def summary_table(rows: list[dict]) -> str:
     """Markdown table of ``summarize``'s rows. A round that failed counts as a miss in its scorer's score."""
-    lines = ["| scorer | rounds | errors | score (%) | s / round | new tokens |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| scorer | rounds | errors | score (%) | s / round | new tokens | mean IoU |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         score = "" if r["score"] is None else f"{r['score']:.1f}"
         secs = "" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.3f}"
-        lines.append(f"| {r['scorer']} | {r['rounds']} | {r['errors']} | {score} | {secs} | {r['new_tokens']} |")
+        iou = "" if r.get("mean_iou") is None else f"{r['mean_iou']:.3f}"
+        lines.append(f"| {r['scorer']} | {r['rounds']} | {r['errors']} | {score} | {secs} | {r['new_tokens']} "
+                     f"| {iou} |")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,11 @@ Boxes follow InfMLLM's grounding convention: the answer carries ``[x1, y1, x2, y
 y2)``); when all four numbers are <= 1 they are normalised by the image's original width and height, otherwise
 pixels. Unlike InfMLLM's regex (which cannot read a coordinate of exactly 1.0 or an integer pixel value) any
 number format parses. A hit is IoU >= 0.5 with the reference box (Precision@1).
+
+Grounding-trained models (``docs/grounding.md``) write boxes in the frame their encoder sees, in one of
+``data/boxes.py``'s formats: given ``answer_box_format`` and the image's ``geometry`` (``ImagePreprocess.geometry``),
+the first box of that format in the answer is read and mapped back through the pad / resize / crop into source
+pixels. Every box score carries its IoU, so a summary reports accuracy@IoU>=0.5 and mean IoU (REC).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+
+from megatron_visualchat.data.boxes import parse_boxes, unmap_box
 
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -29,15 +36,19 @@ IOU_THRESHOLD = 0.5
 class Score:
     value: float  # in [0, 1]
     detail: str = ""
+    iou: Optional[float] = None  # box scores: IoU with the reference (0 when no box was found)
 
 
 @dataclass(frozen=True)
 class ScoreContext:
-    """What a scorer may need beyond the texts: the original size (W, H) of the image a box refers to, and how
-    the reference box is written."""
+    """What a scorer may need beyond the texts: the original size (W, H) of the image a box refers to, how the
+    reference box is written, and for grounding-trained models the format of the answer's box
+    (``data/boxes.BOX_FORMATS``) with the image's ``geometry`` in the encoder."""
 
     image_size: Optional[tuple[int, int]] = None
     reference_box_format: str = "pixel"
+    answer_box_format: Optional[str] = None
+    geometry: Optional[object] = None
 
 
 def normalize_answer(text: str) -> str:
@@ -105,13 +116,22 @@ def box_hit(prediction: str, reference, context: ScoreContext = ScoreContext()) 
     if not (isinstance(reference, (list, tuple)) and len(reference) == 4
             and all(isinstance(v, (int, float)) for v in reference)):
         raise ValueError(f"a box reference must be [x1, y1, x2, y2], got {reference!r}")
-    box = parse_box(prediction)
-    if box is None:
-        return Score(0.0, "no box [x1, y1, x2, y2] in the answer")
-    predicted = _to_pixels(box, all(0.0 <= v <= 1.0 for v in box), context.image_size)
     target = _to_pixels(reference, context.reference_box_format == "normalized", context.image_size)
+    if context.answer_box_format is not None:
+        if context.geometry is None:
+            raise ValueError(f"a {context.answer_box_format!r} box is read in the encoder's frame: the image's "
+                             f"preprocessing geometry is needed")
+        size = context.geometry.size
+        boxes = parse_boxes(prediction, context.answer_box_format, (size, size))
+        predicted = unmap_box(boxes[0], context.geometry) if boxes else None
+    else:
+        box = parse_box(prediction)
+        predicted = None if box is None else _to_pixels(box, all(0.0 <= v <= 1.0 for v in box), context.image_size)
+    if predicted is None:
+        fmt = context.answer_box_format
+        return Score(0.0, f"no {fmt} box in the answer" if fmt else "no box [x1, y1, x2, y2] in the answer", 0.0)
     iou = box_iou(predicted, target)
-    return Score(float(iou >= IOU_THRESHOLD), f"IoU {iou:.3f} (predicted {[round(v, 1) for v in predicted]} px)")
+    return Score(float(iou >= IOU_THRESHOLD), f"IoU {iou:.3f} (predicted {[round(v, 1) for v in predicted]} px)", iou)
 
 
 SCORERS: dict[str, Callable[[str, object, ScoreContext], Score]] = {

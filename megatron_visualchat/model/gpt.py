@@ -44,9 +44,11 @@ def build_gpt_model(
     params_dtype: torch.dtype = torch.float32,
     vp_stage: Optional[int] = None,
     transformer_config=None,
+    scatter_embeddings: bool = True,
 ):
     """Build this rank's GPTModel. ``layer_spec`` defaults to megatron-core's stock local LLaMA spec (RMSNorm);
-    the multimodal model passes the MMCA spec."""
+    the multimodal model passes the MMCA spec. ``scatter_embeddings=False``: under sequence parallelism the
+    embedding returns the full sequence and the caller scatters it (after splicing in the images)."""
     config = transformer_config or to_transformer_config(cfg, params_dtype)
     pre, post = stage_flags(vp_stage)
     model = GPTModel(
@@ -61,6 +63,7 @@ def build_gpt_model(
         rotary_base=int(cfg.llm.rope_base),
         rotary_percent=1.0,
         vp_stage=vp_stage,
+        scatter_embedding_sequence_parallel=scatter_embeddings,
     )
     if post:
         model.output_layer.register_forward_hook(partial(_mask_padded_vocab, cfg.llm.vocab_size))

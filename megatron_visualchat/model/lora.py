@@ -18,6 +18,12 @@ Tensor parallelism: an adapter is a rank-r bottleneck, sharded so that the wide 
 The split parameter of each pair carries megatron's tensor-parallel attributes (gradient norm, clipping); the
 replicated one is counted on TP rank 0. ``checkpoint/sharding.SPLIT_RULES`` splits them the same way.
 
+Sequence parallelism (the column input and the row output are sequence shards): the column side all-gathers
+``h = A x_shard`` ([tokens/TP, r] per rank; backward reduce-scatters), the row side reduce-scatters the partial
+``h`` instead of all-reducing it, so each collective stays rank-sized. The replicated matrix (column A, row B) then
+sees only its rank's tokens: it is flagged ``sequence_parallel`` and ``finalize_model_grads`` sums its gradient over
+TP, as for the norms. Dropout on a sequence shard draws from the rank's own stream.
+
 Modality-split projections (``mmca/split_linear.py``) get a second pair, ``image_lora_a`` / ``image_lora_b``,
 adapting ``image_weight``: image tokens take the image adapter, the others the text one. With split ``kv`` the
 image tokens' Q rows are the text weight's, so they take the text adapter's Q rows. Vision encoders get
@@ -43,7 +49,9 @@ from megatron.core.tensor_parallel.layers import (
 )
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -105,38 +113,47 @@ class _TensorParallelLora:
             b = nn.Parameter(torch.zeros(out_local, rank, dtype=weight.dtype, device=weight.device))
             set_tensor_model_parallel_attributes(a if self.split_input else b, is_parallel=True,
                                                  dim=1 if self.split_input else 0, stride=1)
+            (b if self.split_input else a).sequence_parallel = self.sequence_parallel  # read by finalize_model_grads
             setattr(self, a_name, a)
             setattr(self, b_name, b)
 
     def _dropped(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.lora_dropout.p):
             return x
-        if not self.split_input:  # the same input on every TP rank: the shared default generator, the same mask
-            return self.lora_dropout(x)
-        with get_cuda_rng_tracker().fork():  # each rank's own input columns: its own stream
+        if not (self.split_input or self.sequence_parallel):  # the same input on every TP rank: the shared
+            return self.lora_dropout(x)  # default generator, the same mask
+        with get_cuda_rng_tracker().fork():  # each rank's own input columns or sequence shard: its own stream
             return self.lora_dropout(x)
 
     def _hidden(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """``A x`` as every TP rank needs it (see the module docstring), [s, b, rank]."""
+        """``A x`` as every TP rank needs it (see the module docstring), [s, b, rank]; with sequence parallelism
+        the full sequence on the column side, this rank's output shard on the row side."""
         h = F.linear(self._dropped(x), a)
         if self.split_input:
+            if self.sequence_parallel:
+                return reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
             return reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
         return copy_to_tensor_model_parallel_region(h, group=self.tp_group)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_scale * F.linear(self._hidden(x, self.lora_a), self.lora_b)
 
-    def _routed_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def _routed_delta(self, x: torch.Tensor, out_routing) -> torch.Tensor:
         """Modality-split layers: text tokens through the text adapter, image tokens through the image one (one
-        collective for both). Without image tokens the image adapter still gets a defined zero gradient."""
-        routing = self.routing
-        if routing is None or not routing.any_image:
+        collective for both). Without image tokens the image adapter still gets a defined zero gradient.
+        ``self.routing`` (the whole sequence, alike on every TP rank) picks the path, so every rank joins the same
+        collective; ``out_routing`` indexes the adapter's output tokens (a sequence shard on a sequence-parallel
+        row side)."""
+        if self.routing is None or not self.routing.any_image:
             return self._delta(x) + 0.0 * (self.image_lora_a.sum() + self.image_lora_b.sum())
-        s, b, _ = x.shape
         rank = self.lora_a.shape[0]
-        h = self._hidden(x, torch.cat([self.lora_a, self.image_lora_a])).reshape(s * b, 2 * rank)
+        h = self._hidden(x, torch.cat([self.lora_a, self.image_lora_a]))
+        s, b, _ = h.shape
+        h = h.reshape(s * b, 2 * rank)
         h_text, h_image = h[:, :rank], h[:, rank:]
-        txt, img = routing.text_idx, routing.image_idx
+        txt, img = out_routing.text_idx, out_routing.image_idx
         delta = h.new_zeros(s * b, self.lora_b.shape[0])
         delta = delta.index_copy(0, txt, F.linear(h_text[txt], self.lora_b))
         delta = delta.index_copy(0, img, self._image_rows(h_text[img], h_image[img]))
@@ -168,7 +185,7 @@ class LoraModalitySplitColumnParallelLinear(_TensorParallelLora, ModalitySplitCo
 
     def forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
         out, bias = super().forward(input_, weight, runtime_gather_output)
-        return out + self._routed_delta(input_), bias
+        return out + self._routed_delta(input_, self.routing), bias
 
     def _image_rows(self, h_text: torch.Tensor, h_image: torch.Tensor) -> torch.Tensor:
         image = F.linear(h_image, self.image_lora_b)
@@ -186,7 +203,7 @@ class LoraModalitySplitRowParallelLinear(_TensorParallelLora, ModalitySplitRowPa
 
     def forward(self, input_: torch.Tensor):
         out, bias = super().forward(input_)
-        return out + self._routed_delta(input_), bias
+        return out + self._routed_delta(input_, self.out_routing), bias
 
 
 _LORA_CLASSES = {

@@ -1,5 +1,6 @@
 """``TransformerLayer`` that tells its modality norms which tokens are images (mPLUG-Owl2's modality-adaptive
-module). Like ``ModalitySplitSelfAttention``: set the mask from the token codes, run the stock forward, clear."""
+module). Like ``ModalitySplitSelfAttention``: set the mask from the token codes, run the stock forward, clear.
+Under sequence parallelism the layer's hidden states (and so the norms' inputs) are this TP rank's sequence shard."""
 
 from __future__ import annotations
 
@@ -15,8 +16,13 @@ class ModalityAwareTransformerLayer(TransformerLayer):
         codes = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
         norms = [m for m in (self.input_layernorm, self.pre_mlp_layernorm) if isinstance(m, ModalityRMSNorm)]
         if codes is not None:
-            # Codes cover every key position; the hidden states are the last sq of them (fewer in decode).
-            routing = image_routing(codes, hidden_states.shape[0])
+            # Codes cover every key position; the hidden states are the last sq of them (fewer in decode), or under
+            # sequence parallelism this rank's shard of them.
+            sq, shard = hidden_states.shape[0], None
+            if self.config.sequence_parallel:
+                shard = (self.tp_group.rank(), self.tp_group.size())
+                sq *= shard[1]
+            routing = image_routing(codes, sq, shard)
             for norm in norms:
                 norm.routing = routing
         try:

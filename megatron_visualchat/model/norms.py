@@ -5,6 +5,10 @@ output is promoted to float32 and every following GEMM pays for it (measured 3.7
 7B step together with the dense core attention). This norm does its statistics in float32 (``F.rms_norm``
 accumulates in float32) but keeps the weight and the output in the input's dtype, as HF LLaMA does.
 State-dict keys are those of megatron's norm (``weight``), so checkpoints are interchangeable.
+
+Under sequence parallelism each TP rank normalises its own sequence shard (the norm is per token, no
+communication), so a weight's gradient covers only that shard's tokens: like megatron's norms, the weights are
+flagged ``sequence_parallel`` and megatron-core's ``finalize_model_grads`` sums their gradients over the TP group.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import torch.nn.functional as F
 class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__()
-        if config.sequence_parallel:
-            raise ValueError("sequence_parallel needs Transformer-Engine norms (backend='te')")
         self.hidden_size, self.eps = hidden_size, eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.sequence_parallel = config.sequence_parallel
+        self.weight = self._replicated(torch.ones(hidden_size, dtype=config.params_dtype))
+
+    def _replicated(self, value: torch.Tensor) -> torch.nn.Parameter:
+        param = torch.nn.Parameter(value)
+        param.sequence_parallel = self.sequence_parallel  # read by finalize_model_grads
+        return param
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.hidden_size,), self.weight.to(x.dtype), self.eps)
@@ -28,12 +36,12 @@ class RMSNorm(torch.nn.Module):
 class ModalityRMSNorm(RMSNorm):
     """mPLUG-Owl2's modality-adaptive norm: image tokens are scaled by their own (trainable) ``image_weight``,
     text tokens by the LLM's ``weight``. The owning layer sets ``routing`` (``token_codes.ImageRouting``) around
-    its forward; without image tokens the image weight still gets a defined zero gradient (DDP buckets never
-    stall)."""
+    its forward (under sequence parallelism, for this rank's sequence shard); without image tokens the image weight
+    still gets a defined zero gradient (DDP buckets never stall)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__(config, hidden_size, eps)
-        self.image_weight = torch.nn.Parameter(self.weight.detach().clone())
+        self.image_weight = self._replicated(self.weight.detach().clone())
         self.routing = None
 
     def copy_text_weight_to_image(self) -> None:

@@ -11,11 +11,14 @@ from megatron_visualchat.model.token_codes import MODALITY_IMAGE
 
 
 def splice_image_embeddings(text_embeds: torch.Tensor, image_embeds: torch.Tensor, modality: torch.Tensor,
-                            num_images: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            num_images: Optional[torch.Tensor] = None,
+                            positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``text_embeds`` [s, b, h] (megatron layout), ``image_embeds`` [N, T, h] for the batch's images in
     row-major order of appearance, ``modality`` [b, s] token codes. The ``MODALITY_IMAGE`` positions, read row
     by row, receive the N*T image vectors in order; one vectorised index_put, no per-token loop.
-    ``num_images`` [b] (optional) lets a mismatch name the offending sample."""
+    ``num_images`` [b] (optional) lets a mismatch name the offending sample. ``positions`` [s]: the rows of
+    ``text_embeds`` are these positions of a longer ``modality`` [b, L] (context parallelism: this rank's
+    chunks); each receives the image vector of its place in the whole sequence."""
     s, b, h = text_embeds.shape
     image_pos = modality == MODALITY_IMAGE
     per_row = image_pos.sum(dim=1)
@@ -31,6 +34,11 @@ def splice_image_embeddings(text_embeds: torch.Tensor, image_embeds: torch.Tenso
     if n == 0:
         # An empty sum is 0 but keeps the projector in the graph: its parameters get defined zero gradients.
         return text_embeds + image_embeds.sum() if image_embeds.requires_grad else text_embeds
-    rows, cols = image_pos.nonzero(as_tuple=True)  # row-major = images in order of appearance
     values = image_embeds.reshape(n * t, h).to(text_embeds.dtype)
+    if positions is None:
+        rows, cols = image_pos.nonzero(as_tuple=True)  # row-major = images in order of appearance
+    else:
+        order = (image_pos.flatten().cumsum(0) - 1).view_as(image_pos)  # row-major image-token index
+        rows, cols = image_pos[:, positions].nonzero(as_tuple=True)
+        values = values[order[:, positions][rows, cols]]
     return text_embeds.index_put((cols, rows), values)

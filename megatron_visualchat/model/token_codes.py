@@ -137,14 +137,18 @@ class ImageRouting(NamedTuple):
 _ROUTING_CACHE = PerCodesCache()
 
 
-def image_routing(packed: torch.Tensor, sq: int) -> ImageRouting:
+def image_routing(packed: torch.Tensor, sq: int, shard: Optional[tuple[int, int]] = None) -> ImageRouting:
     """The routing for hidden states that are the last ``sq`` positions of ``packed`` codes (all of them, except
-    in KV-cache decode). Computed once per codes tensor (one host sync) and shared by every layer."""
+    in KV-cache decode). ``shard = (rank, size)``: only the rank-th of ``size`` equal sequence chunks of those
+    positions (a sequence-parallel rank's tokens). Computed once per codes tensor (one host sync) and shared by
+    every layer."""
 
     def build() -> ImageRouting:
         mask = (unpack_token_codes(packed).modality[:, -sq:] == MODALITY_IMAGE).transpose(0, 1).contiguous()
+        if shard is not None:
+            mask = mask.chunk(shard[1], dim=0)[shard[0]].contiguous()
         flat = mask.reshape(-1)
         image_idx, text_idx = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
         return ImageRouting(mask, image_idx, text_idx, bool(image_idx.numel()))
 
-    return _ROUTING_CACHE.get(("routing", PerCodesCache.codes_key(packed), sq), build, (packed,))
+    return _ROUTING_CACHE.get(("routing", PerCodesCache.codes_key(packed), sq, shard), build, (packed,))

@@ -1,11 +1,13 @@
 """Let megatron-core's real distributed code run on CPU processes over gloo.
 
 megatron-core 0.16.1 assumes CUDA in a handful of places (``device="cuda"`` literals in the schedules, clip-grad
-and optimizer, ``torch.cuda.current_device()`` for p2p/DDP buffers and RoPE, ``torch.cuda.synchronize()`` in p2p
+and optimizer, ``pin_memory=True`` in RoPE's context-parallel slicing, ``torch.cuda.current_device()`` for
+p2p/DDP buffers and RoPE, ``torch.cuda.synchronize()`` in p2p
 and checkpoint saving, a CUDA RNG tracker, ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks in the
 optimizers, the CUDA generator state saved around activation recompute). This module maps exactly those to CPU
-so that TP/PP/DDP/distributed-optimizer/recompute code paths are exercised unchanged on laptops and CI; why each
-shim exists and what it must not do is in docs/design/cpu_gloo.md.
+so that TP/PP/CP/DDP/distributed-optimizer/recompute code paths are exercised unchanged on laptops and CI; why each
+shim exists and what it must not do is in docs/design/cpu_gloo.md. Collectives need none: gloo here runs the
+``all_gather_into_tensor`` / ``reduce_scatter_tensor`` that sequence parallelism's gathers and reduce-scatters call.
 
 It is installed only when no GPU is present (``install()`` refuses otherwise), once per process, and stays for
 the life of the process.
@@ -48,6 +50,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(args[0].dtype) or func(*args)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # page-locking needs a CUDA driver; the tensor is the same without it
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

@@ -36,7 +36,7 @@ def initialize_parallel(
 ) -> ParallelInfo:
     """Initialise the default process group (NCCL with a GPU, gloo without) and megatron-core's TP/PP/DP groups,
     then seed the CPU/CUDA generators and megatron's RNG tracker (different TP ranks get different dropout
-    streams, DP ranks identical model init). A world size other than tp x pp x dp is a ``ConfigError``; build
+    streams, DP ranks identical model init). A world size other than tp x pp x cp x dp is a ``ConfigError``; build
     ``parallel`` with ``ParallelConfig.for_world`` to derive dp from the world size."""
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
@@ -65,6 +65,7 @@ def initialize_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
         distributed_timeout_minutes=int(max(timeout_minutes, 1)),
     )
     torch.manual_seed(seed)

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for training (pretrain_vchat --trainable)")
     p.add_argument("--no-distributed-optimizer", action="store_true",
                    help="plan for plain DDP: every rank keeps the whole optimizer state")
+    p.add_argument("--no-sequence-parallel", action="store_true",
+                   help="plan without --sequence-parallel (by default every layout with TP > 1 uses it when TP "
+                        "divides --seq-length)")
     p.add_argument("--top", type=int, default=10, help="layouts to print")
     return p
 
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _row(layout: Layout) -> str:
     first, peak = layout.stages[0], max(layout.stages, key=lambda s: s.total)
     split = pipeline_flags(layout) or "even"
-    return (f"{layout.tp:>3} {layout.pp:>3} {layout.vpp:>4} {layout.dp:>4} {layout.recompute:>9} {split:>14} "
+    return (f"{layout.tp:>3} {'yes' if layout.sp else 'no':>3} {layout.pp:>3} {layout.vpp:>4} {layout.dp:>4} "
+            f"{layout.recompute:>9} {split:>14} "
             f"{layout.bubble:>7.3f} {first.weights / GIB:>8.1f} {(first.gradients + first.optimizer) / GIB:>9.2f} "
             f"{first.activations / GIB:>8.1f} {first.vision_activations / GIB:>7.2f} {first.total / GIB:>8.1f} "
             f"{peak.total / GIB:>8.1f} {'yes' if layout.fits else 'no':>4}")
@@ -57,15 +61,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     train_vision_encoder=args.trainable.vision_encoder)
     layouts = plan(llm, vision, args.trainable, work, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
                    reserve_gib=args.reserve_gib, global_batch_size=args.global_batch_size, max_tp=args.max_tp,
-                   max_vpp=args.max_vpp)
+                   max_vpp=args.max_vpp, sequence_parallel=not args.no_sequence_parallel)
     fitting = sum(layout.fits for layout in layouts)
     print(f"{args.model_preset} + {args.vision_encoder} on {args.gpus} x {args.gpu_memory_gib:g} GiB "
           f"({args.reserve_gib:g} GiB reserved), seq {args.seq_length}, micro-batch {args.micro_batch_size}, "
           f"global batch {args.global_batch_size}: {fitting} of {len(layouts)} layouts fit (predicted, not "
           f"measured on a GPU; docs/planner.md)")
-    print(f"{'tp':>3} {'pp':>3} {'vpp':>4} {'dp':>4} {'recompute':>9} {'pipeline':>14} {'bubble':>7} "
+    print(f"{'tp':>3} {'sp':>3} {'pp':>3} {'vpp':>4} {'dp':>4} {'recompute':>9} {'pipeline':>14} {'bubble':>7} "
           f"{'weights':>8} {'grad+opt':>9} {'act':>8} {'vision':>7} {'stage0':>8} {'peak':>8} {'fits':>4}")
-    print(" " * 51 + "(GiB per GPU; weights..stage0 on stage 0, peak over stages)")
+    print(" " * 55 + "(GiB per GPU; weights..stage0 on stage 0, peak over stages)")
     for layout in layouts[:args.top]:
         print(_row(layout))
     return 0 if fitting else 1

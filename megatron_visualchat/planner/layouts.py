@@ -21,6 +21,7 @@ class Layout:
     num_microbatches: int
     stages: tuple[StageMemory, ...]
     fits: bool
+    sp: bool = False  # --sequence-parallel
 
     @property
     def bubble(self) -> float:
@@ -50,16 +51,17 @@ def _even_split(layers: int, stages: int, first: int) -> tuple[int, ...]:
 
 
 def _evaluate(llm: LLMConfig, vision: VisionShape, trainable: TrainableConfig, work: Workload, *, tp: int, pp: int,
-              vpp: int, dp: int, recompute: str, pp_layers: tuple[int, ...], m: int) -> tuple[StageMemory, ...]:
+              vpp: int, dp: int, recompute: str, pp_layers: tuple[int, ...], m: int,
+              sp: bool) -> tuple[StageMemory, ...]:
     stages = []
     for stage, layers in enumerate(pp_layers):
         params = stage_params(llm, vision, trainable, tp=tp, layers=layers, first=stage == 0, last=stage == pp - 1)
         stages.append(stage_memory(llm, vision, params, work, tp=tp, pp=pp, vpp=vpp, dp=dp, stage=stage,
-                                   layers=layers, recompute=recompute, num_microbatches=m))
+                                   layers=layers, recompute=recompute, num_microbatches=m, sp=sp))
     return tuple(stages)
 
 
-def _best_split(llm, vision, trainable, work, *, tp, pp, dp, recompute, m) -> tuple[tuple[int, ...], tuple]:
+def _best_split(llm, vision, trainable, work, *, tp, pp, dp, recompute, m, sp) -> tuple[tuple[int, ...], tuple]:
     """The split with the smallest peak stage memory: stage 0 holds the vision tower and the most in-flight
     micro-batches, so it usually gets fewer layers. Ties go to the more even split."""
     even = llm.num_layers // pp
@@ -67,7 +69,7 @@ def _best_split(llm, vision, trainable, work, *, tp, pp, dp, recompute, m) -> tu
     for first in range(even, 0, -1):
         split = _even_split(llm.num_layers, pp, first)
         stages = _evaluate(llm, vision, trainable, work, tp=tp, pp=pp, vpp=1, dp=dp, recompute=recompute,
-                           pp_layers=split, m=m)
+                           pp_layers=split, m=m, sp=sp)
         peak = max(s.total for s in stages)
         if best is None or peak < best[0]:
             best = (peak, split, stages)
@@ -76,9 +78,11 @@ def _best_split(llm, vision, trainable, work, *, tp, pp, dp, recompute, m) -> tu
 
 def plan(llm: LLMConfig, vision: VisionShape, trainable: TrainableConfig, work: Workload, *, gpus: int,
          gpu_memory_gib: float, reserve_gib: float, global_batch_size: int, max_tp: int,
-         max_vpp: int) -> list[Layout]:
+         max_vpp: int, sequence_parallel: bool = True) -> list[Layout]:
     """All valid layouts (ParallelConfig.validate's rules) up to ``max_tp`` and ``max_vpp``, best first
-    (``Layout.sort_key``)."""
+    (``Layout.sort_key``). ``sequence_parallel``: use it wherever TP > 1 and TP divides the sequence; it moves the
+    same bytes as TP's all-reduces (reduce-scatter + all-gather) and only lowers activation memory, so a layout
+    never gets worse with it."""
     budget = (gpu_memory_gib - reserve_gib) * GIB
     layouts = []
     for tp in _divisors(gpus):
@@ -89,22 +93,24 @@ def plan(llm: LLMConfig, vision: VisionShape, trainable: TrainableConfig, work: 
             m = global_batch_size // (work.micro_batch_size * dp)
             # megatron-core's interleaved schedule needs the micro-batches in whole groups of PP
             vpps = [1] + [v for v in range(2, max_vpp + 1) if pp > 1 and m % pp == 0]
+            sp = sequence_parallel and tp > 1 and work.seq_length % tp == 0
             for vpp in vpps:
                 even = None if vpp > 1 else _even_split(llm.num_layers, pp, llm.num_layers // pp)
                 try:
-                    ParallelConfig(tp=tp, pp=pp, dp=dp, vpp=None if vpp == 1 else vpp, pp_layers=even).validate(llm)
+                    ParallelConfig(tp=tp, pp=pp, dp=dp, vpp=None if vpp == 1 else vpp, pp_layers=even,
+                                   sequence_parallel=sp).validate(llm)
                 except ConfigError:
                     continue
                 for recompute in RECOMPUTE:
                     if pp > 1 and vpp == 1:
                         split, stages = _best_split(llm, vision, trainable, work, tp=tp, pp=pp, dp=dp,
-                                                    recompute=recompute, m=m)
+                                                    recompute=recompute, m=m, sp=sp)
                     else:
                         split = (llm.num_layers // pp,) * pp
                         stages = _evaluate(llm, vision, trainable, work, tp=tp, pp=pp, vpp=vpp, dp=dp,
-                                           recompute=recompute, pp_layers=split, m=m)
+                                           recompute=recompute, pp_layers=split, m=m, sp=sp)
                     layouts.append(Layout(tp, pp, vpp, dp, recompute, split, m, stages,
-                                          fits=max(s.total for s in stages) <= budget))
+                                          fits=max(s.total for s in stages) <= budget, sp=sp))
     return sorted(layouts, key=Layout.sort_key)
 
 

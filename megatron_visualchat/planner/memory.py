@@ -14,11 +14,14 @@ MAIN_GRAD_BYTES = 4  # fp32 main gradients of trainable parameters (DDP grad_red
 ADAM_BYTES = 12  # fp32 main parameters + Adam's two moments, per trainable parameter
 
 
-def layer_activation_bytes(s: int, b: int, h: int, a: int, tp: int, recompute: str) -> float:
-    """Bytes one decoder layer keeps for backward per micro-batch: Korthikanti et al. 2022 for tensor parallelism
-    without sequence parallelism (this project does not enable it) -- s*b*h*(10 + 24/t + 5*a*s/(h*t)). Selective
-    recompute drops the attention-score part (5*a*s/(h*t)); full recompute keeps only the layer input (2*s*b*h)."""
-    per_token = {"none": 10 + 24 / tp + 5 * a * s / (h * tp), "selective": 10 + 24 / tp, "full": 2}[recompute]
+def layer_activation_bytes(s: int, b: int, h: int, a: int, tp: int, recompute: str, sp: bool = False) -> float:
+    """Bytes one decoder layer keeps for backward per micro-batch, Korthikanti et al. 2022: with tensor
+    parallelism s*b*h*(10 + 24/t + 5*a*s/(h*t)); with sequence parallelism the 10 (norms, residuals, dropout
+    masks) is split too: s*b*h*(34/t + 5*a*s/(h*t)). Selective recompute drops the attention-score part
+    (5*a*s/(h*t)); full recompute keeps only the layer input (2*s*b*h, a sequence shard 2*s*b*h/t under sp)."""
+    shared = 10 / tp if sp else 10  # the part outside the tensor-parallel regions
+    per_token = {"none": shared + 24 / tp + 5 * a * s / (h * tp), "selective": shared + 24 / tp,
+                 "full": 2 / tp if sp else 2}[recompute]
     return s * b * h * per_token
 
 
@@ -59,14 +62,15 @@ class Workload:
 
 
 def stage_memory(llm: LLMConfig, vision: VisionShape, params: StageParams, work: Workload, *, tp: int, pp: int,
-                 vpp: int, dp: int, stage: int, layers: int, recompute: str, num_microbatches: int) -> StageMemory:
+                 vpp: int, dp: int, stage: int, layers: int, recompute: str, num_microbatches: int,
+                 sp: bool = False) -> StageMemory:
     s, b, h = work.seq_length, work.micro_batch_size, llm.hidden_size
     optimizer = params.trainable * ADAM_BYTES / (dp if work.distributed_optimizer else 1)
     held = in_flight_microbatches(pp, vpp, stage, num_microbatches)
-    per_layer = layer_activation_bytes(s, b, h, llm.num_attention_heads, tp, recompute)
+    per_layer = layer_activation_bytes(s, b, h, llm.num_attention_heads, tp, recompute, sp)
     activations = layers * per_layer * held
     if recompute == "full":  # backward recomputes one layer at a time: its whole working set exists once
-        activations += layer_activation_bytes(s, b, h, llm.num_attention_heads, tp, "none")
+        activations += layer_activation_bytes(s, b, h, llm.num_attention_heads, tp, "none", sp)
     if stage == pp - 1:  # fp32 logits of the vocabulary shard for the cross-entropy, one micro-batch
         activations += s * b * llm.padded_vocab_size(tp) // tp * 4
     vision_activations = 0.0

@@ -30,8 +30,9 @@ def visualchat_batch(rows: list[list], image_tokens: int, vocab_size: int, *, se
     """A collated-like VisualChat microbatch. Each row is a list of parts: a string of t/p characters, or an int
     (an image of ``image_tokens`` positions). Rows are right-padded to one length; pixels are random."""
     layouts = ["".join(p if isinstance(p, str) else str(p) * image_tokens for p in row) for row in rows]
-    length = max(len(lay) for lay in layouts)
-    batch = batch_from_layouts([lay + "p" * (length - len(lay)) for lay in layouts], vocab_size, seed)
+    positions = [len(lay.replace("|", "")) for lay in layouts]  # "|" marks a packed sample, not a position
+    batch = batch_from_layouts([lay + "p" * (max(positions) - n) for lay, n in zip(layouts, positions)],
+                               vocab_size, seed)
     num_images = torch.tensor([sum(isinstance(p, int) for p in row) for row in rows])
     g = torch.Generator().manual_seed(seed + 1)
     batch["pixel_values"] = torch.randn(int(num_images.sum()), 3, image_size, image_size, generator=g)

@@ -1,4 +1,4 @@
-"""Run a function on N local gloo processes with a given (TP, PP, DP): the "2-GPU mock" of Megatron's tests.
+"""Run a function on N local gloo processes with a given (TP, PP, CP, DP): the "2-GPU mock" of Megatron's tests.
 
 Ranks are forked from a fork server that imported torch + megatron-core once (~7 s per session instead of per
 process; a fork costs ~0.3 s). Not from the test process itself: once a process has run autograd, children forked
@@ -78,6 +78,7 @@ def run_parallel(
     tp: int = 1,
     pp: int = 1,
     dp: int = 1,
+    cp: int = 1,
     vpp: Optional[int] = None,
     pp_layers: Optional[tuple[int, ...]] = None,
     args: tuple = (),
@@ -85,9 +86,9 @@ def run_parallel(
     seed: int = 1234,
     timeout: float = 180.0,
 ) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``tp*pp*dp`` forked gloo processes; return the per-rank results (index =
+    """Run ``fn(*args, **kwargs)`` on ``tp*pp*cp*dp`` forked gloo processes; return the per-rank results (index =
     global rank). Raises ``RankFailed`` with the child's traceback, or ``TimeoutError`` naming the silent ranks."""
-    parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, vpp=vpp, pp_layers=pp_layers)
+    parallel = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, vpp=vpp, pp_layers=pp_layers)
     world_size = parallel.world_size
     ctx = _fork_server()
     port = free_port()
@@ -109,7 +110,7 @@ def run_parallel(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"ranks {sorted(pending)} did not finish within {timeout:.0f}s "
-                                   f"(tp={tp}, pp={pp}, dp={dp})")
+                                   f"(tp={tp}, pp={pp}, cp={cp}, dp={dp})")
             ready = mp.connection.wait([conns[r] for r in pending], timeout=min(remaining, 1.0))
             for conn in ready:
                 rank = conns.index(conn)
@@ -119,7 +120,8 @@ def run_parallel(
                     status, payload = "error", f"rank {rank} exited without a result (exit code " \
                                                f"{procs[rank].exitcode}); killed or crashed in native code"
                 if status == "error":
-                    raise RankFailed(f"rank {rank} of {world_size} (tp={tp}, pp={pp}, dp={dp}) failed:\n{payload}")
+                    raise RankFailed(f"rank {rank} of {world_size} (tp={tp}, pp={pp}, cp={cp}, dp={dp}) "
+                                     f"failed:\n{payload}")
                 results[rank] = payload
                 pending.discard(rank)
     finally:

@@ -17,6 +17,7 @@ from megatron_visualchat.training.step import gpt_forward_step, run_schedule
 def current_parallel() -> ParallelConfig:
     return ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(),
                           pp=ps.get_pipeline_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+                          cp=ps.get_context_parallel_world_size(),
                           vpp=ps.get_virtual_pipeline_model_parallel_world_size())
 
 

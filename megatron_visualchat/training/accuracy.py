@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_visualchat.training.context_parallel import whole_sequence
 from megatron_visualchat.training.step import run_schedule, visualchat_forward_step
 
 
@@ -34,6 +35,8 @@ def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
 def _correct_answers(batch: dict, logits: torch.Tensor):
     mask = batch["loss_mask"].bool()
     miss = (vocab_parallel_argmax(logits) != batch["labels"]) & mask
+    # Context parallelism: an answer may span this rank's chunks and others'; judge it on the whole sequence.
+    mask, miss = whole_sequence(torch.cat([mask, miss]).long()).bool().chunk(2)
     starts = mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0))
     span = torch.cumsum(starts.flatten().long(), 0).view_as(mask) - 1  # answer index, batch-wide
     num_answers = int(starts.sum())
@@ -64,7 +67,7 @@ def answer_accuracy(chunks: list, loader, *, num_microbatches: int, seq_length: 
                 break
             out = run_schedule(chunks, mbs, num_microbatches=num_microbatches, seq_length=seq_length,
                                micro_batch_size=micro_batch_size, forward_step=forward_step, forward_only=True)
-            if out and ps.get_tensor_model_parallel_rank() == 0:
+            if out and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
                 totals += sum(d["answers"].double() for d in out).to(totals.device)
     for c in chunks:
         c.train()

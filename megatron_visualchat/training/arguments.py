@@ -10,9 +10,10 @@ from typing import Optional
 
 from megatron_visualchat.argtypes import TRAINABLE_PARTS, int_list, name_list, trainable_parts
 from megatron_visualchat.config import (
-    ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_PRESETS, LORA_TARGETS, MODALITY_SPLITS, AttentionConfig,
-    ConfigError, LoraConfig, ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
+    ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_FROM_CHECKPOINT, LLM_PRESETS, LORA_TARGETS, MODALITY_SPLITS,
+    AttentionConfig, ConfigError, LLMConfig, LoraConfig, ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
 )
+from megatron_visualchat.data.boxes import BOX_OUTSIDE
 from megatron_visualchat.training.run_config import TrainingConfig
 
 
@@ -30,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-layers", type=int_list, default=None,
                    help="explicit decoder layers per pipeline stage, e.g. 18,22,20,20 (lighter first stage: it also "
                         "runs the vision encoder)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron-core sequence parallelism: norms and residuals work on sequence shards over the "
+                        "tensor-parallel ranks (activation memory / TP); needs TP >= 2 and --seq-length divisible "
+                        "by TP; every batch is padded to --seq-length")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="context parallelism: each rank of a CP group holds 2 of 2 x CP sequence chunks (megatron's "
+                        "load-balanced split); MMCA all-gathers keys, values and token codes over the group. "
+                        "--seq-length must be divisible by 2 x CP; every batch is padded to --seq-length")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="megatron-core DDP: start each gradient bucket's all-reduce (reduce-scatter with the "
@@ -70,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="resume from this directory (defaults to --save when it holds one)")
     g.add_argument("--load-iteration", type=int, default=None,
                    help="resume from this iteration instead of the one latest_checkpointed_iteration.txt names")
+    g.add_argument("--init-from", action="append", default=[],
+                   help="start from the weights an earlier run saved (its --save directory; repeatable, later ones "
+                        "win): every tensor of its latest checkpoint replaces the initial/--llm-load one, whatever "
+                        "this run trains; optimizer, schedule and data position start fresh. Read again on resume "
+                        "(this run's checkpoints hold only what it trains). How a recipe chains its stages")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save (when --save is set) and stop when the iteration is a multiple of this")
@@ -92,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--no-progress-bar", action="store_true")
     g = p.add_argument_group("model")
-    g.add_argument("--model-preset", choices=sorted(LLM_PRESETS), default="tiny")
+    g.add_argument("--model-preset", choices=[*sorted(LLM_PRESETS), LLM_FROM_CHECKPOINT], default="tiny",
+                   help=f"the LLM architecture; {LLM_FROM_CHECKPOINT}: the one recorded in --llm-load (e.g. a fused "
+                        "or imported checkpoint)")
     g.add_argument("--llm-load", default=None,
                    help="converted base LLM checkpoint (megatron-visualchat hf-to-megatron)")
     g.add_argument("--vision-encoder", default="tiny")
     g.add_argument("--vision-weights", default=None, help="local encoder weights (file or HF directory)")
+    g.add_argument("--vision-encoder-options", type=json.loads, default={},
+                   help='JSON EncoderOptions, e.g. LLaVA-1.5\'s {"feature_layer": -2, "drop_cls": true}')
+    g.add_argument("--projector-weights", default=None,
+                   help="start the projector from this safetensors file of its state dict (import-hf's "
+                        "projector.safetensors) instead of a random one")
     g.add_argument("--projector", default="linear")
     g.add_argument("--projector-options", type=json.loads, default={}, help='JSON, e.g. {"pool_out": 16}')
     g.add_argument("--attention-mode", choices=ATTENTION_MODES, default="mmca")
@@ -107,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modality-norms", action="store_true",
                    help="per-modality input/pre-MLP norms (mPLUG-Owl2; with --attention-mode causal --modality-split "
                         "kv this is its modality-adaptive module)")
+    g.add_argument("--cross-attention-interval", type=int, default=1,
+                   help="--attention-mode cross: a gated cross-attention layer every K decoder layers (default 1)")
     g.add_argument("--trainable", type=trainable_parts, default=TrainableConfig(),
                    help="comma list of " + ",".join(sorted(TRAINABLE_PARTS)) + " or 'all' (default: projector, "
                         "image_projections)")
@@ -135,9 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", default="dsvc")
     g.add_argument("--max-images", type=int, default=8)
     g.add_argument("--num-workers", type=int, default=0)
-    g.add_argument("--pack", action="store_true", help="pack several samples per sequence (sample_id codes)")
+    g.add_argument("--pack", action="store_true",
+                   help="pack whole samples, in data order, into bins of exactly --seq-length positions (sample_id "
+                        "codes keep them apart); --micro-batch-size and --global-batch-size then count bins")
     g.add_argument("--strict-data", action="store_true",
                    help="stop at the first bad sample, naming the file and record, instead of skipping and counting")
+    g.add_argument("--box-outside", choices=BOX_OUTSIDE, default="clip",
+                   help="grounding data: a box the encoder's crop cuts is clipped to the image, or its record is "
+                        "skipped and counted as box_outside (docs/grounding.md)")
     return p
 
 
@@ -154,6 +182,9 @@ def parse_args(argv=None) -> TrainingConfig:
                           "--use-distributed-optimizer too")
     if not run.data.data and run.data.synthetic is None:
         raise ConfigError("no training data: give --data FORMAT:PATH (repeatable) or --synthetic N")
+    if run.data.pack and batch.train_epochs is not None:
+        raise ConfigError("--pack: the global batch counts bins, and the bins per epoch depend on the samples' "
+                          "lengths, so --train-epochs cannot set the iterations: give --train-iters")
     return run
 
 
@@ -161,22 +192,39 @@ def parallel_config(run: TrainingConfig, world_size: int) -> ParallelConfig:
     par = run.parallelism
     return ParallelConfig.for_world(world_size, tp=par.tensor_model_parallel_size,
                                     pp=par.pipeline_model_parallel_size,
-                                    vpp=par.virtual_pipeline_model_parallel_size, pp_layers=par.pipeline_layers)
+                                    vpp=par.virtual_pipeline_model_parallel_size, pp_layers=par.pipeline_layers,
+                                    sequence_parallel=par.sequence_parallel, cp=par.context_parallel_size)
+
+
+def _llm_architecture(m) -> LLMConfig:
+    if m.model_preset != LLM_FROM_CHECKPOINT:
+        return LLM_PRESETS[m.model_preset]
+    if not m.llm_load:
+        raise ConfigError(f"--model-preset {LLM_FROM_CHECKPOINT} reads the architecture of --llm-load: give --llm-load")
+    from megatron_visualchat.checkpoint.errors import CheckpointError
+    from megatron_visualchat.checkpoint.legacy_format import ConversionRecord
+
+    try:
+        return ConversionRecord.load(m.llm_load).llm
+    except CheckpointError as e:
+        raise ConfigError(f"--llm-load {m.llm_load}: {e}") from None
 
 
 def model_config(run: TrainingConfig, world_size: int, vocab_size: Optional[int] = None) -> VisualChatConfig:
     """The validated config tree for this run on ``world_size`` processes. ``vocab_size`` (the tokenizer's, with
     added tokens) enlarges the preset's vocabulary when larger."""
     m = run.model
-    llm = LLM_PRESETS[m.model_preset]
+    llm = _llm_architecture(m)
     if vocab_size is not None and vocab_size > llm.vocab_size:
         llm = dataclasses.replace(llm, vocab_size=vocab_size)
     cfg = VisualChatConfig(
         llm=llm,
         attention=AttentionConfig(mode=m.attention_mode, modality_split=m.modality_split, image_rows=m.image_rows,
-                                  combine=m.combine, backend=m.attention_backend, modality_norms=m.modality_norms),
+                                  combine=m.combine, backend=m.attention_backend, modality_norms=m.modality_norms,
+                                  cross_attention_interval=m.cross_attention_interval),
         vision=VisionConfig(encoder=m.vision_encoder, projector=m.projector, projector_options=m.projector_options,
-                            encoder_weights=m.vision_weights),
+                            encoder_weights=m.vision_weights, encoder_options=m.vision_encoder_options,
+                            projector_weights=m.projector_weights),
         trainable=m.trainable,
         parallel=parallel_config(run, world_size),
         lora=LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
@@ -189,13 +237,19 @@ def model_config(run: TrainingConfig, world_size: int, vocab_size: Optional[int]
     if batch.global_batch_size % (batch.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {batch.global_batch_size} is not divisible by micro-batch-size "
                           f"({batch.micro_batch_size}) x data-parallel size ({dp})")
-    if run.data.pack and cfg.parallel.pp > 1:
-        raise ConfigError("--pack gives a varying number of rows per microbatch, but pipeline parallelism exchanges "
-                          "fixed [seq, micro-batch, hidden] shapes: use --pack with --pipeline-model-parallel-size 1")
     if m.trainable.new_token_rows_only and not m.trainable.llm and run.optimizer.weight_decay:
         raise ConfigError(f"--trainable new_token_rows_only masks the gradients of the other embedding rows, but "
                           f"--weight-decay {run.optimizer.weight_decay} would still shrink them: use --weight-decay 0")
     if batch.seq_length > llm.max_position_embeddings:
         raise ConfigError(f"--seq-length {batch.seq_length} exceeds the model's max_position_embeddings "
                           f"{llm.max_position_embeddings}")
+    if cfg.parallel.sequence_parallel and batch.seq_length % cfg.parallel.tp:
+        raise ConfigError(f"--sequence-parallel splits each sequence into {cfg.parallel.tp} equal shards (one per "
+                          f"TP rank): --seq-length {batch.seq_length} must be a multiple of "
+                          f"--tensor-model-parallel-size {cfg.parallel.tp}")
+    cp_chunks = 2 * cfg.parallel.cp * (cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+    if cfg.parallel.cp > 1 and batch.seq_length % cp_chunks:
+        raise ConfigError(f"--context-parallel-size {cfg.parallel.cp} cuts each sequence into 2 x CP equal chunks"
+                          + (" (then TP shards under --sequence-parallel)" if cfg.parallel.sequence_parallel else "")
+                          + f": --seq-length {batch.seq_length} must be a multiple of {cp_chunks}")
     return cfg

@@ -15,7 +15,8 @@ from megatron_visualchat.data.dataset import build_train_dataset
 from megatron_visualchat.data.loader import build_dataloader
 from megatron_visualchat.data.synthetic import generate_synthetic_dataset, synthetic_corpus_lines
 from megatron_visualchat.data.tokenizer import VisualChatTokenizer, train_tiny_sentencepiece
-from megatron_visualchat.model.vision import ENCODERS, build_projector, get_encoder_spec
+from megatron_visualchat.model.cross_attention import positions_per_image
+from megatron_visualchat.model.vision import EncoderOptions, build_projector, get_encoder_spec
 from megatron_visualchat.training.run_config import TrainingConfig
 
 
@@ -35,7 +36,12 @@ def synthetic_paths(run: TrainingConfig) -> dict:
 
 def load_tokenizer(run: TrainingConfig):
     if run.data.tokenizer_dir:
-        return VisualChatTokenizer.load(run.data.tokenizer_dir)
+        tokenizer = VisualChatTokenizer.load(run.data.tokenizer_dir)
+        if tokenizer.image_vocab is not None:
+            raise ConfigError(f"--tokenizer-dir {run.data.tokenizer_dir} has an image-code vocabulary; training with "
+                              f"images as tokens is not wired yet (docs/image_generation.md): use a tokenizer "
+                              f"saved without image_codebook_size")
+        return tokenizer
     if run.data.synthetic is None:
         raise ConfigError("--tokenizer-dir is required with --data (a LLaMA-2 tokenizer.model saved by "
                           "VisualChatTokenizer.save)")
@@ -61,7 +67,8 @@ def dataset_specs(run: TrainingConfig, which: str = "train") -> list[dict]:
 def blend_total_samples(run: TrainingConfig, specs: list[dict], which: str = "train") -> Optional[int]:
     """Samples a weighted blend draws in all (None without weights: then every record is used once per epoch).
 
-    Training: ``--data-total-samples``, else ``--train-iters`` x ``--global-batch-size`` as in Megatron. With
+    Training: ``--data-total-samples``, else ``--train-iters`` x ``--global-batch-size`` as in Megatron (not with
+    ``--pack``, whose global batch counts bins of several samples). With
     ``--train-epochs`` the blend's size would have to come from the epoch count, which needs the blend's size, so
     the total must be given. Evaluation: ``--eval-iters`` x ``--global-batch-size``, what one evaluation reads.
     """
@@ -77,6 +84,10 @@ def blend_total_samples(run: TrainingConfig, specs: list[dict], which: str = "tr
         return run.metrics.eval_iters * batch.global_batch_size
     if total is not None:
         return total
+    if run.data.pack:
+        raise ConfigError("weighted --data specs with --pack: a step trains --global-batch-size bins holding a "
+                          "varying number of samples, so the blend's size cannot come from --train-iters: give "
+                          "--data-total-samples N")
     if batch.train_iters is None:
         raise ConfigError("weighted --data specs draw a fixed number of samples, which --train-epochs cannot set: "
                           "give --data-total-samples N (then the epochs count passes over N samples), or "
@@ -84,12 +95,14 @@ def blend_total_samples(run: TrainingConfig, specs: list[dict], which: str = "tr
     return batch.train_iters * batch.global_batch_size
 
 
-def build_datasets(run: TrainingConfig, tokenizer, num_image_tokens: int):
+def build_datasets(run: TrainingConfig, tokenizer, num_image_tokens: int, image_preprocess=None):
     """(train dataset, eval dataset or None) over the whole blend; bad records are skipped and counted, or with
-    ``--strict-data`` the first one stops the run naming its file and record."""
+    ``--strict-data`` the first one stops the run naming its file and record. ``image_preprocess`` (the encoder's)
+    places grounding boxes in the frame the encoder sees."""
     batch, data = run.batch, run.data
     common = dict(num_image_tokens=num_image_tokens, max_seq_len=batch.seq_length, template=data.template,
-                  max_images_per_sample=data.max_images, seed=batch.seed, strict=data.strict_data, split="all")
+                  max_images_per_sample=data.max_images, seed=batch.seed, strict=data.strict_data, split="all",
+                  image_preprocess=image_preprocess, box_outside=data.box_outside)
     train_specs = dataset_specs(run, "train")
     train = build_train_dataset(train_specs, tokenizer, total_samples=blend_total_samples(run, train_specs), **common)
     eval_specs = dataset_specs(run, "eval")
@@ -101,22 +114,35 @@ def build_datasets(run: TrainingConfig, tokenizer, num_image_tokens: int):
 
 
 def image_geometry(cfg: VisualChatConfig):
-    """(image transform, image tokens per image, image side) for the configured encoder + projector, without building
-    weights (the projector is instantiated on the meta device to read its output count)."""
+    """(image transform, sequence positions per image, image side) for the configured encoder + projector, without
+    building weights (the projector is instantiated on the meta device to read its output count; mode ``cross``
+    takes one marker position per image, ``model/cross_attention.py``)."""
     spec = get_encoder_spec(cfg.vision.encoder)
+    options = EncoderOptions.parse(cfg.vision.encoder, cfg.vision.encoder_options)
+    tokens, has_cls = spec.output_tokens(options)  # drop_cls leaves out the class token
     with torch.device("meta"):
         projector = build_projector(cfg.vision.projector, spec.hidden_size, cfg.llm.hidden_size,
-                                    spec.num_image_tokens, spec.has_cls, **cfg.vision.projector_options)
-    return ENCODERS[cfg.vision.encoder].preprocess.transform(), projector.num_output_tokens, spec.image_size
+                                    tokens, has_cls, **cfg.vision.projector_options)
+    preprocess = spec.image_preprocess(options)
+    positions = positions_per_image(cfg.attention.mode, projector.num_output_tokens)
+    return preprocess.transform(), positions, spec.image_size
 
 
 def build_loaders(run: TrainingConfig, cfg: VisualChatConfig, tokenizer):
     """(train loader, eval loader or None) for this data-parallel rank. With pipeline parallelism every sequence
-    is padded to --seq-length (megatron's p2p buffers have a fixed shape)."""
+    is padded to --seq-length (megatron's p2p buffers have a fixed shape), and with --sequence-parallel (it must
+    split evenly over the TP ranks; --seq-length is checked to be a multiple of TP), and with context parallelism
+    (2 x CP equal chunks; checked likewise). With ``--pack`` a microbatch is --micro-batch-size bins of exactly
+    --seq-length positions at any layout, and the global batch counts bins."""
     batch, data = run.batch, run.data
     transform, image_tokens, image_size = image_geometry(cfg)
-    train, evalset = build_datasets(run, tokenizer, image_tokens)
-    loader_args = dict(batch_size=batch.micro_batch_size, pad_to=batch.seq_length if cfg.parallel.pp > 1 else None,
+    train, evalset = build_datasets(run, tokenizer, image_tokens, transform.preprocess)
+    if data.pack and dist.get_rank() == 0:
+        print(f"--pack: each step trains {batch.global_batch_size} bins of {batch.seq_length} positions (the "
+              "global batch counts bins, as Megatron counts rows); the samples per step vary, see 'samples' and "
+              "'pack eff' in the log", flush=True)
+    fixed = cfg.parallel.pp > 1 or cfg.parallel.sequence_parallel or cfg.parallel.cp > 1 or data.pack
+    loader_args = dict(batch_size=batch.micro_batch_size, pad_to=batch.seq_length if fixed else None,
                        pack=data.pack, image_size=image_size, dp_rank=ps.get_data_parallel_rank(),
                        dp_size=ps.get_data_parallel_world_size(), seed=batch.seed, num_workers=data.num_workers)
     train_loader = build_dataloader(train, transform, **loader_args)

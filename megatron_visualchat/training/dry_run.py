@@ -27,6 +27,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megatron_visualchat.checkpoint import training_state
 from megatron_visualchat.checkpoint.chat import check_export_dir
 from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.init_from import init_iteration
 from megatron_visualchat.checkpoint.layout import read_tracker
 from megatron_visualchat.checkpoint.legacy_format import ConversionRecord, rank_file
 from megatron_visualchat.config import ConfigError, ParallelConfig, TrainableConfig, VisualChatConfig
@@ -43,9 +44,11 @@ RANK_ORDER = "tp-cp-ep-dp-pp"
 def dry_run(run: TrainingConfig, world_size: int) -> int:
     """Check ``run`` on ``world_size`` ranks and print what it would train; a problem raises ``ConfigError``."""
     par = model_config(run, world_size).parallel  # the layout first: it needs no file
-    print(f"dry run: {world_size} ranks = TP {par.tp} x PP {par.pp} x DP {par.dp}"
+    print(f"dry run: {world_size} ranks = TP {par.tp} x PP {par.pp}" + (f" x CP {par.cp}" if par.cp > 1 else "")
+          + f" x DP {par.dp}"
           + (f", pipeline layers {','.join(map(str, par.pp_layers))}" if par.pp_layers else "")
-          + (f", virtual pipeline {par.vpp}" if par.vpp else ""))
+          + (f", virtual pipeline {par.vpp}" if par.vpp else "")
+          + (", sequence parallel" if par.sequence_parallel else ""))
     with _as_rank(0, world_size, par):
         check_paths(run)
         try:
@@ -70,7 +73,8 @@ def _as_rank(rank: int, world_size: int, par: ParallelConfig):
     """This process as global ``rank`` of a fake world: megatron-core's groups are those of the real job."""
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        ps.initialize_model_parallel(par.tp, par.pp, par.vpp, order=RANK_ORDER, create_gloo_process_groups=False)
+        ps.initialize_model_parallel(par.tp, par.pp, par.vpp, context_parallel_size=par.cp, order=RANK_ORDER,
+                                     create_gloo_process_groups=False)
         yield
     finally:
         ps.destroy_model_parallel()
@@ -82,7 +86,8 @@ def check_paths(run: TrainingConfig) -> None:
     export directories get training's own up-front checks."""
     m, d = run.model, run.data
     wanted = [("--llm-load", m.llm_load, os.path.isdir), ("--tokenizer-dir", d.tokenizer_dir, os.path.isdir),
-              ("--vision-weights", m.vision_weights, os.path.exists)]
+              ("--vision-weights", m.vision_weights, os.path.exists),
+              ("--projector-weights", m.projector_weights, os.path.isfile)]
     for flag, which in (("--data", "train"), ("--eval-data", "eval")):
         wanted += [(flag, spec["path"], os.path.isfile) for spec in dataset_specs(run, which)]
     missing = [f"{flag} {path}: no such {'directory' if exists is os.path.isdir else 'file'}"
@@ -91,6 +96,8 @@ def check_paths(run: TrainingConfig) -> None:
         raise ConfigError("missing input path(s):\n  " + "\n  ".join(missing))
     ckpt = run.checkpoint
     try:
+        for root in ckpt.init_from:
+            print(f"--init-from {root}: iteration {init_iteration(root)}")
         if ckpt.export_dir:
             check_export_dir(ckpt.export_dir)
         print(training_state.resume_message(
@@ -134,7 +141,8 @@ def _report_data(run: TrainingConfig, cfg: VisualChatConfig, tokenizer) -> None:
     batch = run.batch
     iters = batch.train_iters or math.ceil(batch.train_epochs * len(train.dataset) / batch.global_batch_size)
     _print_blend("train", train.dataset)
-    print(f"  {iters} iterations of {batch.global_batch_size} samples; the first sample encodes to "
+    unit = f"bins of {batch.seq_length} positions (--pack)" if run.data.pack else "samples"
+    print(f"  {iters} iterations of {batch.global_batch_size} {unit}; the first sample encodes to "
           f"{len(sample['input_ids'])} tokens and {len(sample['images'])} image(s)")
     if evaluation is not None:
         _print_blend("eval", evaluation.dataset)
@@ -164,10 +172,11 @@ class RankReport:
 
 
 def rank_positions(par: ParallelConfig) -> dict[int, tuple[int, int, int]]:
-    """Global rank -> (dp, pp, tp) rank, by megatron-core's own rank generator."""
-    gen = ps.RankGenerator(tp=par.tp, ep=1, dp=par.dp, pp=par.pp, cp=1, order=RANK_ORDER)
+    """Global rank -> (dp, pp, tp) rank, by megatron-core's own rank generator. With context parallelism "dp"
+    is the index in the data-and-context-parallel group (CP ranks hold the same parameters, like DP ranks)."""
+    gen = ps.RankGenerator(tp=par.tp, ep=1, dp=par.dp, pp=par.pp, cp=par.cp, order=RANK_ORDER)
     where = {r: [0, 0, 0] for r in range(par.world_size)}
-    for axis, token in enumerate(("dp", "pp", "tp")):
+    for axis, token in enumerate(("dp-cp", "pp", "tp")):
         for group in gen.get_ranks(token):
             for index, r in enumerate(group):
                 where[r][axis] = index
@@ -256,7 +265,8 @@ def _report_model(run: TrainingConfig, cfg: VisualChatConfig, world_size: int,
     reports, selected = rank_reports(run, cfg, world_size, new_token_rows)
     print(f"model: {m.model_preset} + {m.vision_encoder} encoder + {m.projector} projector, attention "
           f"{m.attention_mode}, modality split {m.modality_split}; parameters per rank:")
-    print(f"  {'rank':>5} {'dp':>4} {'pp':>3} {'tp':>3} {'layers':>9} {'parameters':>15} {'trainable':>15}")
+    dp = "dp" if cfg.parallel.cp == 1 else "dpcp"  # CP ranks hold the same parameters, like DP ranks
+    print(f"  {'rank':>5} {dp:>4} {'pp':>3} {'tp':>3} {'layers':>9} {'parameters':>15} {'trainable':>15}")
     for r in reports:
         print(f"  {r.rank:>5} {r.dp:>4} {r.pp:>3} {r.tp:>3} {r.layers:>9} {r.parameters:>15,} {r.trainable:>15,}")
     replica = [r for r in reports if r.dp == 0]

@@ -22,6 +22,7 @@ from megatron_visualchat.checkpoint import training_state
 from megatron_visualchat.checkpoint.adapters import check_adapters_dir, save_adapters
 from megatron_visualchat.checkpoint.chat import check_export_dir, save_chat_checkpoint
 from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.init_from import load_weights
 from megatron_visualchat.checkpoint.legacy_format import load_megatron_checkpoint
 from megatron_visualchat.config import VisualChatConfig
 from megatron_visualchat.model.lora import count_lora_parameters, lora_report, merge_lora
@@ -41,7 +42,8 @@ from megatron_visualchat.training.step import run_schedule, visualchat_forward_s
 
 def build_model_chunks(cfg: VisualChatConfig, run: TrainingConfig, new_token_rows: tuple[int, ...] = ()) -> list:
     """This rank's VisualChatModel chunk(s) (several with virtual pipeline stages), trainable policy applied,
-    base LLM weights loaded and image-side projections initialised from them. ``new_token_rows``: vocabulary
+    base LLM weights loaded and image-side projections initialised from them, then ``--init-from`` checkpoints
+    loaded over them. ``new_token_rows``: vocabulary
     rows of the tokenizer's added tokens (for ``trainable.new_token_rows_only``)."""
     prec = run.precision
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
@@ -57,6 +59,10 @@ def build_model_chunks(cfg: VisualChatConfig, run: TrainingConfig, new_token_row
             copy_text_weights_to_image(model)
         apply_trainable_policy(model, cfg.trainable, new_token_rows=new_token_rows)
         chunks.append(model)
+    for root in run.checkpoint.init_from:  # earlier runs' (a recipe's earlier stages') weights, later ones win
+        iteration = load_weights(root, chunks, config_record(cfg, run))
+        if dist.get_rank() == 0:
+            print(f"--init-from {root}: weights of iteration {iteration} loaded", flush=True)
     return chunks
 
 
@@ -104,11 +110,14 @@ def _reduce_loss(loss_dicts: list[dict]) -> float:
     return float(t[0] / t[1])
 
 
-def _count_tokens(microbatches: list[dict]) -> tuple[int, int]:
+def _count_tokens(microbatches: list[dict]) -> dict:
+    """Non-pad tokens, image tokens, all positions and samples of a step (this rank's counts x the DP size)."""
     dp = ps.get_data_parallel_world_size()
-    tokens = sum(int((b["modality"] != MODALITY_PAD).sum()) for b in microbatches) * dp
-    image_tokens = sum(int((b["modality"] == MODALITY_IMAGE).sum()) for b in microbatches) * dp
-    return tokens, image_tokens
+    count = {"tokens": lambda b: (b["modality"] != MODALITY_PAD).sum(),
+             "image_tokens": lambda b: (b["modality"] == MODALITY_IMAGE).sum(),
+             "positions": lambda b: b["modality"].numel(),
+             "samples": lambda b: (b["sample_id"].max(dim=1).values + 1).sum()}  # sample_id 0.. per row
+    return {key: sum(int(f(b)) for b in microbatches) * dp for key, f in count.items()}
 
 
 def evaluate(chunks: list, loader, run: TrainingConfig, num_microbatches: int) -> float:
@@ -130,7 +139,8 @@ def evaluate(chunks: list, loader, run: TrainingConfig, num_microbatches: int) -
 
 def _report_lora(chunks: list, cfg: VisualChatConfig) -> None:
     """Rank 0 logs the adapter parameter counts, summed over one model replica (the ranks of data-parallel rank 0)."""
-    counts = [count_lora_parameters(c) for c in unwrap_model(chunks)] if ps.get_data_parallel_rank() == 0 else []
+    replica = ps.get_data_parallel_rank(with_context_parallel=True) == 0  # CP ranks hold copies too
+    counts = [count_lora_parameters(c) for c in unwrap_model(chunks)] if replica else []
     total = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.int64,
                          device=torch.cuda.current_device())
     dist.all_reduce(total)
@@ -172,9 +182,9 @@ def train(run: TrainingConfig) -> dict:
     _configure_schedule_hooks(chunks, optimizer, run.precision.fp16)
     if cfg.lora.enabled:
         _report_lora(chunks, cfg)
-    record = config_record(cfg, run)
     train_iters = batch.train_iters or math.ceil(batch.train_epochs * len(train_loader.dataset) /
                                                  batch.global_batch_size)
+    record = {**config_record(cfg, run), "train_iters": train_iters}  # a save at train_iters: the run is complete
     scheduler = build_scheduler(optimizer, run, train_iters)
 
     # 3. resume (and refuse an --export-dir that cannot be written now, not after training)
@@ -190,7 +200,7 @@ def train(run: TrainingConfig) -> dict:
                                                config_record=record, iteration=resume.iteration)
         train_loader.seek(start["consumed_samples"])
     if dist.get_rank() == 0:
-        print(training_state.resume_message(resume), flush=True)
+        print(training_state.resume_message(resume, start.get("layout_change")), flush=True)
         if ckpt.save:
             tokenizer.save(os.path.join(ckpt.save, "tokenizer"))
     keep_last = training_state.KeepLast.for_run(ckpt.keep_last, ckpt.save, resume)
@@ -198,7 +208,7 @@ def train(run: TrainingConfig) -> dict:
     # 4. loop
     logger = MetricsLogger(enabled=dist.get_rank() == 0, total_iters=train_iters,
                            tensorboard_dir=run.metrics.tensorboard_dir, progress_bar=not run.metrics.no_progress_bar,
-                           start_iter=start["iteration"])
+                           start_iter=start["iteration"], packing=run.data.pack)
     schedule = dict(num_microbatches=num_microbatches, seq_length=batch.seq_length,
                     micro_batch_size=batch.micro_batch_size)
     batches = train_loader.forever()
@@ -216,9 +226,8 @@ def train(run: TrainingConfig) -> dict:
         iteration += 1
         loss = _reduce_loss(loss_dicts)
         losses.append(loss)
-        tokens, image_tokens = _count_tokens(microbatches)
-        logger.step(iteration, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, tokens=tokens,
-                    image_tokens=image_tokens, skipped=Counter(train_loader.skipped),
+        logger.step(iteration, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
+                    **_count_tokens(microbatches), skipped=Counter(train_loader.skipped),
                     log=iteration % run.metrics.log_interval == 0)
         if eval_loader is not None and (iteration % run.metrics.eval_interval == 0 or iteration == train_iters):
             eval_losses.append(evaluate(chunks, eval_loader, run, num_microbatches))

@@ -22,6 +22,8 @@ class ParallelismConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     pipeline_layers: Optional[tuple[int, ...]] = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -82,6 +84,7 @@ class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     load_iteration: Optional[int] = None
+    init_from: tuple[str, ...] = ()
     save_interval: Optional[int] = None
     exit_interval: Optional[int] = None
     keep_last: int = 3
@@ -105,6 +108,8 @@ class ModelConfig:
     llm_load: Optional[str] = None
     vision_encoder: str = "tiny"
     vision_weights: Optional[str] = None
+    vision_encoder_options: dict = field(default_factory=dict)
+    projector_weights: Optional[str] = None
     projector: str = "linear"
     projector_options: dict = field(default_factory=dict)
     attention_mode: str = "mmca"
@@ -113,6 +118,7 @@ class ModelConfig:
     combine: str = "sum"
     attention_backend: str = "local"
     modality_norms: bool = False
+    cross_attention_interval: int = 1
     trainable: TrainableConfig = TrainableConfig()
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -135,6 +141,7 @@ class DataConfig:
     num_workers: int = 0
     pack: bool = False
     strict_data: bool = False
+    box_outside: str = "clip"  # grounding boxes the image crop cuts: clip them, or skip the record (data/boxes.py)
 
 
 @dataclass(frozen=True)

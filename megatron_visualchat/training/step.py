@@ -9,21 +9,26 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_visualchat.model.token_codes import pack_token_codes
+from megatron_visualchat.training.context_parallel import split_batch, sum_over_context_parallel
 
 
 def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Mean next-token loss over labelled positions. A microbatch without any label contributes a defined zero
-    (the reference code's NaN), while keeping the graph so every trainable parameter gets a gradient."""
+    (the reference code's NaN), while keeping the graph so every trainable parameter gets a gradient.
+
+    Under context parallelism a rank holds part of each sequence: it divides its loss sum by the labelled tokens
+    of the whole sequence and reports the whole-sequence mean. megatron-core's schedule multiplies the loss by CP
+    and DDP averages gradients over DP x CP, so the gradients equal CP=1's."""
     losses = output_tensor.float()
     mask = loss_mask.float()
-    num_tokens = mask.sum()
+    num_tokens = sum_over_context_parallel(mask.sum())
     loss = (losses * mask).sum() / num_tokens.clamp(min=1.0)
-    return loss, {"lm loss": torch.stack([loss.detach(), num_tokens.detach()])}
+    return loss, {"lm loss": torch.stack([sum_over_context_parallel(loss.detach()), num_tokens.detach()])}
 
 
 def gpt_forward_step(data_iterator: Iterator[dict], model):
     """Forward step for a text-only GPTModel: batch dict with tokens, position_ids, labels, loss_mask."""
-    batch = next(data_iterator)
+    batch = split_batch(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
@@ -35,15 +40,17 @@ def lm_objective(batch: dict):
 
 def visualchat_forward_step(data_iterator: Iterator[dict], model, objective: Callable = lm_objective):
     """Forward step for VisualChatModel: the collator's batch (tokens, labels, loss_mask, position_ids, token
-    codes, pixel_values, num_images). Every stage reads the batch: the codes drive MMCA in all layers.
+    codes, pixel_values, num_images). Every stage reads the batch: the codes drive MMCA in all layers. Under
+    context parallelism the model sees this rank's chunks of every per-position tensor (``split_batch``).
     ``objective(batch) -> (labels or None, loss_func)``: with labels the model returns per-token losses, without
     it returns logits (e.g. the held-out answer accuracy)."""
     batch = next(data_iterator)
     codes = batch.get("attention_mask")  # test batches carry the packed codes already
     if codes is None:
         codes = pack_token_codes(batch["modality"], batch["image_id"], batch.get("sample_id"))
+    batch = split_batch({**batch, "attention_mask": codes})
     labels, loss_func = objective(batch)
-    output = model(batch["tokens"], batch["position_ids"], codes, labels=labels,
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=labels,
                    pixel_values=batch.get("pixel_values"), num_images=batch.get("num_images"))
     return output, loss_func
 

@@ -1,18 +1,23 @@
 """Training-checkpoint rules that need no training run: where a run resumes (--load, --save, --load-iteration),
-what keep-last may delete, how a config or schedule mismatch is reported, and the SHA256SUMS checks."""
+what keep-last may delete, how a config, layout or schedule mismatch is reported, the SHA256SUMS checks, and how
+saved optimizer state merges across TP/PP ranks for a resume at another layout."""
 
 import logging
 
 import pytest
+import torch
 
 from megatron_visualchat.checkpoint.checksums import CHECKSUM_FILE, read_checksums, sha256, verify, write_checksums
 from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.checkpoint.layout import iteration_dir, write_tracker
 from megatron_visualchat.checkpoint.training_state import (
+    FORMAT,
     KeepLast,
     ResumePoint,
     check_compatible,
+    check_layout_change,
     check_schedule,
+    describe_layout,
     find_resume_point,
     resume_message,
 )
@@ -42,6 +47,13 @@ def test_resume_point_and_message(tmp_path):
     assert find_resume_point(str(save), str(tmp_path / "other")) == ResumePoint(save, 4)
     assert find_resume_point(None, str(save), load_iteration=2) == ResumePoint(save, 2)
     assert resume_message(ResumePoint(save, 2)) == f"resuming from {save / 'iter_0000002'} (iteration 2)"
+    saved = {"tp": 2, "pp": 2, "vpp": None, "pp_layers": None, "distributed_optimizer": False}
+    change = f"saved at {describe_layout(saved, 1)}, resumed at {describe_layout({**saved, 'tp': 1, 'pp': 1}, 2)}"
+    assert change == "saved at TP2 x PP2 x DP1, resumed at TP1 x PP1 x DP2"
+    assert resume_message(ResumePoint(save, 2), change).endswith("(iteration 2), saved at TP2 x PP2 x DP1, resumed "
+                                                                 "at TP1 x PP1 x DP2")
+    assert describe_layout({**saved, "vpp": 2, "distributed_optimizer": True}, None) == \
+        "TP2 x PP2 (VPP 2) with the distributed optimizer"
 
 
 def test_load_iteration_must_exist(tmp_path):
@@ -87,6 +99,19 @@ def test_config_mismatch_names_only_the_differing_fields(tmp_path):
     check_compatible(saved, {**current, "model": model}, tmp_path)  # dp and the run config may change
 
 
+def test_layout_change_of_a_checkpoint_from_before_resharding_is_refused(tmp_path):
+    saved = {"tp": 2, "pp": 1, "vpp": None, "pp_layers": None, "distributed_optimizer": True}
+    current = {**saved, "tp": 1, "distributed_optimizer": False}
+    check_layout_change({"format": FORMAT}, saved, current, tmp_path)
+    check_layout_change({}, saved, saved, tmp_path)  # an old checkpoint at its own layout (any DP size)
+    with pytest.raises(CheckpointError, match=r"written before checkpoints could change layout, so it resumes at "
+                                              r"its own layout only \(any data-parallel size\): "
+                                              "distributed_optimizer: saved true, this run false; tp: saved 2, this "
+                                              "run 1. Resume with the saved --use-distributed-optimizer, "
+                                              "--tensor-model-parallel-size"):
+        check_layout_change({}, saved, current, tmp_path)
+
+
 def test_schedule_mismatch_names_field_values_and_flag(tmp_path):
     saved = dict(max_lr=3e-3, min_lr=0.0, lr_warmup_steps=3, lr_decay_steps=32, lr_decay_style="cosine",
                  start_wd=0.0, end_wd=0.0, num_steps=32)
@@ -114,3 +139,25 @@ def test_checksums(tmp_path, caplog):
     (tmp_path / CHECKSUM_FILE).write_text("abc")
     with pytest.raises(CheckpointError, match=f"{CHECKSUM_FILE} is corrupt .*: FIX"):
         read_checksums(tmp_path, "FIX")
+
+
+def test_merged_optimizer_state_follows_the_split_of_its_parameter():
+    """Two TP ranks of stage 0 (layer 0) and stage 1 (layer 1); a stage without trainable parameters saves None."""
+    from megatron_visualchat.checkpoint.reshard import merge_rank_states
+
+    qkv, norm = "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.0.input_layernorm.weight"
+    full = torch.arange(8.0).view(4, 2)  # column-parallel: TP rank r holds rows 2r, 2r + 1
+
+    def state(layers, tensors):
+        named = [{n: {"param": t, "exp_avg": 2 * t, "exp_avg_sq": 3 * t, "step": torch.tensor(5.0)}
+                  for n, t in tensors.items()}] if tensors else None
+        return {"layers": [layers], "model": [tensors], "optimizer_named": named}
+
+    states = [(0, 0, state([0, 1], {qkv: full[:2]})), (1, 0, state([0, 1], {qkv: full[2:]})),
+              (0, 1, state([1, 2], {norm: torch.ones(2)})), (1, 1, state([1, 2], {norm: torch.ones(2)})),
+              (0, 2, state([2, 3], {}))]
+    weights, optim = merge_rank_states(states, saved_tp=2)
+    assert weights.keys() == optim.keys() == {qkv, "decoder.layers.1.input_layernorm.weight"}
+    assert torch.equal(weights[qkv], full) and torch.equal(optim[qkv]["exp_avg"], 2 * full)
+    assert torch.equal(optim[qkv]["exp_avg_sq"], 3 * full) and optim[qkv]["step"] == 5
+    assert torch.equal(optim["decoder.layers.1.input_layernorm.weight"]["param"], torch.ones(2))

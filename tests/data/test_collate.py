@@ -37,9 +37,13 @@ S0 = sample([1, 5, IMG, 6, 7, 2], [X, X, X, X, 7, 2], [image(10)])
 S1 = sample([1, IMG, IMG, 4, 5, 2], [X, X, X, X, 5, 2], [image(20), image(30)])
 
 
-def collate(samples, **kw):
+def collator(**kw):
     kw.setdefault("max_seq_len", 20)
-    return VisualChatCollator(IDS, N, raw_pixels, image_size=4, **kw)(samples)
+    return VisualChatCollator(IDS, N, raw_pixels, image_size=4, **kw)
+
+
+def collate(samples, **kw):
+    return collator(**kw)(samples)
 
 
 def test_unpacked_batch_exact_values():
@@ -57,7 +61,7 @@ def test_unpacked_batch_exact_values():
 
 
 def test_packed_row_exact_values():
-    b = collate([S0, S1], pad_to=20, pack=True)
+    b = collator(pad_to=20).collate_bins([[S0, S1]])
     assert b["tokens"].shape == (1, 20)
     assert b["sample_id"][0].tolist() == [0] * 8 + [1] * 10 + [-1] * 2
     assert b["position_ids"][0].tolist() == list(range(8)) + list(range(10)) + [10, 11]
@@ -67,12 +71,18 @@ def test_packed_row_exact_values():
     assert b["num_images"].tolist() == [3] and b["pixel_values"][:, 0, 0, 0].tolist() == [10, 20, 30]
 
 
-def test_packing_opens_a_new_row_when_full():
-    b = collate([S0, S1, S0], max_seq_len=18, pack=True)
+def test_bins_are_rows_of_exactly_pad_to_positions():
+    c = collator(max_seq_len=18, pad_to=18)
+    assert [c.length(S0), c.length(S1)] == [8, 10]
+    b = c.collate_bins([[S0, S1], [S0]])
     assert b["tokens"].shape == (2, 18)
     assert b["sample_id"][1].tolist() == [0] * 8 + [-1] * 10
     assert b["num_images"].tolist() == [3, 1]
     assert b["pixel_values"][:, 0, 0, 0].tolist() == [10, 20, 30, 10]
+    with pytest.raises(ValueError, match=r"bin 0 \(samples \[0, 0, 0\]\) holds 24 positions > pad_to=18"):
+        c.collate_bins([[S0, S0, S0]])
+    with pytest.raises(ValueError, match="needs pad_to"):
+        collator().collate_bins([[S0]])
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -89,7 +99,8 @@ def test_image_positions_in_row_major_order_match_pixel_values(pack):
         ids += [7, 2]
         labels += [7, 2]
         samples.append(sample(ids, labels, images, index=i))
-    b = collate(samples, max_seq_len=40, pad_to=64, pack=pack)
+    c = collator(max_seq_len=40, pad_to=64)
+    b = c.collate_bins([samples[:3], samples[3:]]) if pack else c(samples)
     image_tokens = b["tokens"][b["modality"] == MODALITY_IMAGE].reshape(-1, N)
     assert image_tokens.shape[0] == b["pixel_values"].shape[0] == b["num_images"].sum() == value - 1
     assert (image_tokens == IMG).all()

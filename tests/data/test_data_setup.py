@@ -48,6 +48,7 @@ def test_data_total_samples_sets_the_blend_size(blend, tok):
 
 @pytest.mark.parametrize("argv,message", [
     (["--data", "jsonl:A:1", "--train-epochs", "2"], "give --data-total-samples N"),
+    (["--data", "jsonl:A:1", "--train-iters", "3", "--pack"], "with --pack: .* give --data-total-samples N"),
     (["--data", "jsonl:A", "--train-iters", "3", "--data-total-samples", "10"],
      "--data-total-samples only applies to weighted --data specs"),
     (["--data", "jsonl:A:1", "--train-iters", "3", "--data-total-samples", "0"], "--data-total-samples 0 must be >= 1"),

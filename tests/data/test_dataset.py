@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from megatron_visualchat.data import (
     SKIP_REASONS,
@@ -14,6 +15,7 @@ from megatron_visualchat.data import (
     build_train_dataset,
     open_source,
 )
+from megatron_visualchat.model.vision import ENCODERS
 
 
 def good(name="ok.png"):
@@ -44,7 +46,16 @@ def llava_unknown_role(tmp_path):
     return {"format": "llava", "path": str(path)}
 
 
-CASES = {  # case -> (bad record, expected reason); "unknown_role" uses a LLaVA file
+def refexp_box_outside(tmp_path):
+    """A 96 x 32 image: the tiny encoder's centre crop keeps x 32..64, cutting the first record's box."""
+    Image.new("RGB", (96, 32), (255, 0, 0)).save(tmp_path / "wide.png")
+    records = [{"image": "wide.png", "bbox": [20, 4, 20, 8], "expression": "cut"},
+               {"image": "wide.png", "bbox": [40, 4, 10, 8], "expression": "kept"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"format": "refexp", "path": str(tmp_path / "d.jsonl")}
+
+
+CASES = {  # case -> (bad record, expected reason); "unknown_role" uses a LLaVA file, "box_outside" a refexp one
     "malformed_json": ('{"rounds": [', "malformed_json"),
     "malformed_conversation": ({"rounds": "nope"}, "malformed_conversation"),
     "empty_conversation": ({"rounds": []}, "empty_conversation"),
@@ -59,16 +70,20 @@ CASES = {  # case -> (bad record, expected reason); "unknown_role" uses a LLaVA 
     "too_long": (one_image("ok.png", question="red green blue " * 200), "too_long"),
     "too_many_images": ({"rounds": [{"images": ["ok.png"] * 3, "question": "q", "answer": "a"}]}, "too_many_images"),
     "unknown_role": (None, "unknown_role"),
+    "box_outside": (None, "box_outside"),
 }
 
 
 def dataset_for(case, files, write_jsonl, tok, strict=False):
     if case == "unknown_role":
         spec = llava_unknown_role(files)
+    elif case == "box_outside":
+        spec = refexp_box_outside(files)
     else:
         spec = {"format": "jsonl", "path": write_jsonl("d.jsonl", [CASES[case][0], good()])}
     return build_train_dataset([spec], tok, num_image_tokens=4, max_seq_len=300, max_images_per_sample=2, seed=0,
-                               strict=strict, max_image_pixels=5000)
+                               strict=strict, max_image_pixels=5000, image_preprocess=ENCODERS["tiny"].preprocess,
+                               box_outside="skip")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -68,11 +68,11 @@ _TOTAL = re.compile(r"^model total: ([\d,]+) parameters, ([\d,]+) trainable")
 
 def parse_reports(stdout: str) -> list[dict]:
     """Every dry-run report in ``stdout``: {"ranks": {rank: (dp, pp, tp, layers, parameters, trainable)},
-    "total": n, "trainable": n, "notes": [...], "ok": bool}."""
+    "total": n, "trainable": n, "notes": [...], "ok": bool, "sequence_parallel": bool}."""
     reports, current = [], None
     for line in stdout.splitlines():
         if line.startswith("dry run: "):
-            current = {"ranks": {}, "notes": [], "ok": False}
+            current = {"ranks": {}, "notes": [], "ok": False, "sequence_parallel": "sequence parallel" in line}
             reports.append(current)
         elif current is None:
             continue

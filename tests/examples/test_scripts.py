@@ -29,6 +29,7 @@ def check_report(report: dict, preset: str, *, tp: int, pp_layers: list[int], dp
     vision = qwen_vl_vit_bigg() + linear_projector(QWEN_VL_OUT, hidden)
     projector = linear_projector(QWEN_VL_OUT, hidden)
     assert report["ok"] and not report["notes"], report["notes"]
+    assert report["sequence_parallel"]  # every recipe shards the sequence over its TP ranks
     assert sorted(report["ranks"]) == list(range(tp * pp * dp))
     for rank, (dp_rank, pp_rank, tp_rank, layers, params, trainable) in report["ranks"].items():
         assert rank == tp_rank + tp * (dp_rank + dp * pp_rank)

@@ -24,6 +24,7 @@ def test_defaults_follow_the_ds_visualchat_recipe():
     (["--train-iters", "2"], "no training data"),
     (["--synthetic", "4"], "exactly one of --train-iters and --train-epochs"),
     (BASE + ["--recompute-granularity", "full"], "needs --recompute-method and --recompute-num-layers"),
+    (["--synthetic", "4", "--train-epochs", "1", "--pack"], "--train-epochs cannot set the iterations"),
 ])
 def test_flag_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -41,7 +42,6 @@ def test_trainable_parts_are_validated():
     (["--tensor-model-parallel-size", "3"], 3, "tensor parallel size 3 does not divide num_attention_heads=4"),
     (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by tp(2) x pp(1)"),
     (["--seq-length", "4096"], 1, "exceeds the model's max_position_embeddings 512"),
-    (["--seq-length", "256", "--pack", "--pipeline-model-parallel-size", "2"], 2, "use --pack with"),
     (["--seq-length", "256", "--trainable", "projector,new_token_rows_only", "--weight-decay", "0.1"], 1,
      "would still shrink them: use --weight-decay 0"),
 ])
@@ -72,3 +72,19 @@ def test_a_flag_without_a_config_field_is_caught():
     ns.unheard_of = 1
     with pytest.raises(TypeError, match="unheard_of"):
         TrainingConfig.from_namespace(ns)
+
+
+def test_sequence_parallel_flag_reaches_megatron_and_is_checked():
+    from megatron_visualchat.config import to_transformer_config
+
+    run = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "64"])
+    assert run.parallelism.sequence_parallel and run.to_dict()["parallelism"]["sequence_parallel"]
+    cfg = model_config(run, 2)
+    assert cfg.parallel.sequence_parallel and to_transformer_config(cfg).sequence_parallel
+    plain = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--seq-length", "64"])
+    assert not to_transformer_config(model_config(plain, 2)).sequence_parallel
+    with pytest.raises(ConfigError, match="needs tp >= 2 \\(tp=1\\); drop --sequence-parallel"):
+        model_config(parse_args(BASE + ["--sequence-parallel", "--seq-length", "64"]), 1)
+    odd = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "63"])
+    with pytest.raises(ConfigError, match="--seq-length 63 must be a multiple of --tensor-model-parallel-size 2"):
+        model_config(odd, 2)

@@ -45,6 +45,15 @@ def test_activation_formula_as_documented():
     assert layer_activation_bytes(s, 1, h, a, t, "full") == s * h * 2
 
 
+def test_sequence_parallel_activation_formula_as_documented():
+    """With sequence parallelism the norm/residual part is split too: s*b*h*(34/t + 5*a*s/(h*t))."""
+    s, h, a, t = 4096, 8192, 64, 8  # 34/8 + 5*64*4096/(8192*8) = 4.25 + 20
+    assert layer_activation_bytes(s, 1, h, a, t, "none", sp=True) == s * h * 24.25
+    assert layer_activation_bytes(s, 2, h, a, t, "selective", sp=True) == 2 * s * h * 4.25
+    assert layer_activation_bytes(s, 1, h, a, t, "full", sp=True) == s * h * 2 / 8
+    assert layer_activation_bytes(s, 1, h, a, 1, "none", sp=True) == layer_activation_bytes(s, 1, h, a, 1, "none")
+
+
 def test_in_flight_microbatches_under_1f1b_and_interleaving():
     assert [in_flight_microbatches(4, 1, stage, 16) for stage in range(4)] == [4, 3, 2, 1]
     assert in_flight_microbatches(4, 1, 0, 2) == 2  # never more than the step has
@@ -86,11 +95,33 @@ def test_ranking_bubble_and_lighter_first_stage():
     assert not any(x.fits for x in _plan_70b(gpu_memory_gib=8))
 
 
+def test_plan_uses_sequence_parallelism_where_tp_divides_the_sequence():
+    with_sp, without = _plan_70b(), _plan_70b(sequence_parallel=False)
+    assert all(x.sp == (x.tp > 1) for x in with_sp) and not any(x.sp for x in without)
+    key = lambda x: (x.tp, x.pp, x.vpp, x.recompute)  # noqa: E731
+    base = {key(x): x for x in without}
+    same_split = [(x, base[key(x)]) for x in with_sp if x.pp_layers == base[key(x)].pp_layers]
+    assert len(same_split) > len(with_sp) // 2
+    for x, y in same_split:  # the same weights and optimizer state; fewer activation bytes under TP
+        for a, b in zip(x.stages, y.stages):
+            assert (a.weights, a.optimizer) == (b.weights, b.optimizer)
+            assert (a.activations < b.activations) == (x.tp > 1)
+    assert sum(x.fits for x in with_sp) > sum(x.fits for x in without)
+    llm = LLM_PRESETS["llama2-70b"]
+    odd = plan(llm, vision_shape("qwen-vl-vit-bigg-14-448", "linear", llm.hidden_size), trainable_parts("projector"),
+               Workload(4097, 1, 1, distributed_optimizer=True, train_vision_encoder=False), gpus=8,
+               gpu_memory_gib=80, reserve_gib=4, global_batch_size=128, max_tp=8, max_vpp=1)
+    assert not any(x.sp for x in odd)  # TP does not divide 4097 positions
+
+
 def test_plan_command(capsys):
     argv = ["--model-preset", "llama2-70b", "--vision-encoder", "qwen-vl-vit-bigg-14-448", "--gpus", "32",
             "--gpu-memory-gib", "80", "--top", "3"]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert "layouts fit (predicted, not measured on a GPU" in out[0]
-    assert len(out) == 3 + 3 and out[3].split()[:5] == ["8", "1", "1", "4", "selective"]
+    # columns: tp sp pp vpp dp recompute; sequence parallelism lets TP=4 fit without full recompute
+    assert len(out) == 3 + 3 and out[3].split()[:6] == ["4", "yes", "1", "1", "8", "selective"]
+    assert main(argv + ["--no-sequence-parallel"]) == 0
+    assert capsys.readouterr().out.splitlines()[3].split()[:6] == ["8", "no", "1", "1", "4", "selective"]
     assert main(argv[:-4] + ["--gpu-memory-gib", "8"]) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import ConversationSource
+from .grounding import GroundedChatSource, RefExpSource
 from .llava import LlavaSource
 from .llava_otter import LlavaOtterBlendSource
 from .mimicit import MimicItSource
@@ -15,6 +16,8 @@ READERS: dict[str, type[ConversationSource]] = {
     "sparkles": SparklesSource,
     "jsonl": RoundsJsonlSource,
     "llava_otter": LlavaOtterBlendSource,
+    "refexp": RefExpSource,
+    "grounded_chat": GroundedChatSource,
 }
 
 

@@ -2,7 +2,9 @@
 
 megatron-core hands it query ``[sq, b, np, hn]`` and key/value ``[sk, b, ng, hn]`` for this TP rank's heads, and
 the ``attention_mask`` slot, which carries our packed token codes (see ``model/token_codes.py``). Heads are split
-across TP ranks; codes are replicated, so the module needs no communication.
+across TP ranks; codes are replicated, so tensor parallelism needs no communication here. Under context
+parallelism the query, key, value and codes are this rank's two sequence chunks: keys, values and key codes are
+all-gathered over the CP group and the queries attend at their global positions (``context_parallel.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_visualchat.model.mmca.context_parallel import gather_sequence, whole_sequence_codes
 from megatron_visualchat.model.mmca.fast import mmca_attention
 from megatron_visualchat.model.token_codes import unpack_token_codes
 
@@ -25,9 +28,6 @@ class MMCACoreAttention(MegatronModule):
                  cp_comm_type: Optional[str] = None, softmax_scale: Optional[float] = None, pg_collection=None,
                  *, mode: str = "mmca", image_rows: str = "self", combine: str = "sum"):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(f"MMCA core attention does not support context parallelism "
-                             f"(context_parallel_size={config.context_parallel_size})")
         if config.attention_dropout:
             raise ValueError(f"attention_dropout={config.attention_dropout}: MMCA has no attention dropout "
                              "(LLaMA-2 trains without it); set it to 0")
@@ -41,10 +41,17 @@ class MMCACoreAttention(MegatronModule):
                              "or attention_bias")
         if attention_mask is None:
             raise ValueError("MMCA core attention needs token codes in attention_mask (pack_token_codes)")
-        codes = unpack_token_codes(attention_mask)
         sq, b, heads, head_dim = query.shape
+        packed, query_positions = whole_sequence_codes(attention_mask)
+        if query_positions is not None:  # context parallelism: this rank's queries against every key
+            if attention_mask.shape[2] != sq or key.shape[0] != sq:
+                raise ValueError(f"context parallelism needs the codes, queries and keys of this rank's chunks "
+                                 f"(got {attention_mask.shape[2]} codes, {sq} queries, {key.shape[0]} keys); "
+                                 "KV-cache decode runs with context_parallel_size=1")
+            key, value = gather_sequence(key, 0), gather_sequence(value, 0)
+        codes = unpack_token_codes(packed)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         out = mmca_attention(q, k, v, codes.modality, codes.image_id, image_rows=self.image_rows,
                              combine=self.combine, sample_id=codes.sample_id, mode=self.mode,
-                             softmax_scale=self.softmax_scale)
+                             softmax_scale=self.softmax_scale, query_positions=query_positions)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)

@@ -39,7 +39,8 @@ from megatron_visualchat.model.token_codes import (
 
 @dataclass(frozen=True)
 class _Codes:
-    """Key codes [B, Lk] and the query rows' codes [B, Lq] / absolute positions [Lq], all tensors."""
+    """Key codes [B, Lk] and the query rows' codes [B, Lq] / absolute positions [Lq], all tensors; ``q_key``
+    names the query positions in cache keys (the default "last Lq" needs no tensor in the key)."""
 
     modality: torch.Tensor
     image_id: torch.Tensor
@@ -48,16 +49,20 @@ class _Codes:
     q_image_id: torch.Tensor
     q_sample_id: torch.Tensor
     q_pos: torch.Tensor
+    q_key: tuple
 
     @classmethod
-    def build(cls, modality, image_id, sample_id, len_q: int) -> "_Codes":
+    def build(cls, modality, image_id, sample_id, len_q: int, query_positions=None) -> "_Codes":
         len_k = modality.shape[1]
         if sample_id is None:
             sample_id = torch.zeros_like(modality)
-        q_pos = torch.arange(len_k - len_q, len_k, device=modality.device)
+        if query_positions is None:
+            q_pos, q_key = torch.arange(len_k - len_q, len_k, device=modality.device), ("last", len_q)
+        else:
+            q_pos, q_key = query_positions, PerCodesCache.codes_key(query_positions)
         return cls(
             modality, image_id, sample_id,
-            modality[:, -len_q:], image_id[:, -len_q:], sample_id[:, -len_q:], q_pos,
+            modality[:, q_pos], image_id[:, q_pos], sample_id[:, q_pos], q_pos, q_key,
         )
 
 
@@ -149,8 +154,8 @@ def _flex(q, k, v, c: _Codes, rules: _Rules, scale: float, compile: bool):
         mask_mod = _mask_mod(c, _rule_table(rules, q.device))
         return make_block_mask(mask_mod, batch, None, len_q, k.shape[2], device=q.device)
 
-    pins = (c.modality, c.image_id, c.sample_id)
-    key = ("mask", PerCodesCache.codes_key(*pins), tuple(sorted(rules.items())), len_q, k.shape[2], compile)
+    pins = (c.modality, c.image_id, c.sample_id, c.q_pos)
+    key = ("mask", PerCodesCache.codes_key(*pins[:3]), c.q_key, tuple(sorted(rules.items())), k.shape[2], compile)
     block_mask = _CACHE.get(key, build, pins)
     if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _flex_op_eager(q, k, v, block_mask, scale)
@@ -171,7 +176,7 @@ def _mmca_fast(q, k, v, c: _Codes, image_rows: str, combine: str, scale: float, 
     branches = text_has_keys.float() + image_has_keys.float()
     if rows.add_own_value:
         is_image_q = (c.q_modality == MODALITY_IMAGE)[:, None, :]
-        v_self = v[:, :, -q.shape[2] :].repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v_self = v.index_select(2, c.q_pos).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         out = out + torch.where(is_image_q[..., None], v_self.float(), 0.0)
         branches = branches + is_image_q.float()
     if combine == "mean":
@@ -200,15 +205,17 @@ def _mmca_attention_fast(
     mode: str = "mmca",
     softmax_scale: float | None = None,
     compile: bool = True,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The flex/SDPA path on any device; compile=False runs flex eagerly (slow, dense math; used on CPU tests)."""
     check_attention_inputs(
-        q, k, v, modality, image_id, sample_id, image_rows=image_rows, combine=combine, mode=mode
+        q, k, v, modality, image_id, sample_id, image_rows=image_rows, combine=combine, mode=mode,
+        query_positions=query_positions,
     )
     _CACHE.get(("checked", PerCodesCache.codes_key(modality, image_id)),
                lambda: check_code_values(modality, image_id), (modality, image_id))
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    codes = _Codes.build(modality, image_id, sample_id, q.shape[2])
+    codes = _Codes.build(modality, image_id, sample_id, q.shape[2], query_positions)
     return _FAST_MODES[mode](q, k, v, codes, image_rows, combine, scale, compile)
 
 
@@ -224,8 +231,10 @@ def mmca_attention(
     sample_id: torch.Tensor | None = None,
     mode: str = "mmca",
     softmax_scale: float | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MMCA (or causal) attention with the semantics of mmca_attention_reference, differentiable.
+    ``query_positions``: the queries' positions among the keys (default: the last Lq; see the reference).
 
     On CUDA: compiled FlexAttention (block-sparse, O(L) memory) / SDPA. On other devices it falls back to the
     dense reference, which is faster than eager flex there. mode="causal" ignores image_rows and combine.
@@ -233,9 +242,9 @@ def mmca_attention(
     if q.device.type == "cuda":
         return _mmca_attention_fast(
             q, k, v, modality, image_id, image_rows=image_rows, combine=combine, sample_id=sample_id,
-            mode=mode, softmax_scale=softmax_scale, compile=True,
+            mode=mode, softmax_scale=softmax_scale, compile=True, query_positions=query_positions,
         )
     return mmca_attention_reference(
         q, k, v, modality, image_id, image_rows=image_rows, combine=combine, sample_id=sample_id,
-        mode=mode, softmax_scale=softmax_scale,
+        mode=mode, softmax_scale=softmax_scale, query_positions=query_positions,
     )

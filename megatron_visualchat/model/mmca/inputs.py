@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_visualchat.config import ATTENTION_MODES, COMBINES, IMAGE_ROWS, check_choice
+from megatron_visualchat.config import COMBINES, CORE_ATTENTION_MODES, IMAGE_ROWS, check_choice
 
 
 def check_attention_inputs(
@@ -21,9 +21,11 @@ def check_attention_inputs(
     image_rows: str,
     combine: str,
     mode: str,
+    query_positions: torch.Tensor | None = None,
 ) -> None:
-    """Validate options and shapes (no device sync): q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D], codes [B,Lk], Lq <= Lk."""
-    check_choice("mode", mode, ATTENTION_MODES)
+    """Validate options and shapes (no device sync): q [B,Hq,Lq,D], k/v [B,Hkv,Lk,D], codes [B,Lk], Lq <= Lk,
+    ``query_positions`` (the queries' key positions, when given) [Lq] integer on q's device."""
+    check_choice("mode", mode, CORE_ATTENTION_MODES)
     check_choice("image_rows", image_rows, IMAGE_ROWS)
     check_choice("combine", combine, COMBINES)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -41,6 +43,10 @@ def check_attention_inputs(
         raise ValueError(f"query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv})")
     if len_q > len_k:
         raise ValueError(f"query length {len_q} exceeds key length {len_k}: queries are the last Lq key positions")
+    pos = query_positions
+    if pos is not None and (tuple(pos.shape) != (len_q,) or pos.dtype.is_floating_point or pos.device != q.device):
+        raise ValueError(f"query_positions must be a 1-D integer tensor of the {len_q} query positions on {q.device}, "
+                         f"got {tuple(pos.shape)} {pos.dtype} on {pos.device}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     codes = {"modality": modality, "image_id": image_id}

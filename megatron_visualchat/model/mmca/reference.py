@@ -27,17 +27,17 @@ from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_PAD, 
 class _Layout:
     """Broadcastable query-vs-key views of the token codes: query side [B, Lq, 1], key side [B, 1, Lk]."""
 
-    def __init__(self, modality, image_id, sample_id, len_q: int):
+    def __init__(self, modality, image_id, sample_id, len_q: int, query_positions=None):
         len_k = modality.shape[1]
         if sample_id is None:
             sample_id = torch.zeros_like(modality)
         pos_k = torch.arange(len_k, device=modality.device)
-        pos_q = pos_k[len_k - len_q :]
-        self.q_modality = modality[:, -len_q:, None]
+        pos_q = pos_k[len_k - len_q :] if query_positions is None else query_positions
+        self.q_modality = modality[:, pos_q, None]
         self.k_modality = modality[:, None, :]
-        self.q_image_id = image_id[:, -len_q:, None]
+        self.q_image_id = image_id[:, pos_q, None]
         self.k_image_id = image_id[:, None, :]
-        self.same_sample = sample_id[:, -len_q:, None] == sample_id[:, None, :]
+        self.same_sample = sample_id[:, pos_q, None] == sample_id[:, None, :]
         self.key_not_after = pos_k[None, None, :] <= pos_q[None, :, None]
         self.key_before = pos_k[None, None, :] < pos_q[None, :, None]
         self.key_is_query = pos_k[None, None, :] == pos_q[None, :, None]
@@ -114,17 +114,20 @@ def mmca_attention_reference(
     sample_id: torch.Tensor | None = None,
     mode: str = "mmca",
     softmax_scale: float | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense MMCA (or causal) attention; math in float32, result in q's dtype.
 
     q [B,Hq,Lq,D]; k, v [B,Hkv,Lk,D] (GQA: query head h uses kv head h // (Hq // Hkv), as megatron);
-    modality / image_id / sample_id [B,Lk] describe the key positions; the queries are the last Lq of them.
+    modality / image_id / sample_id [B,Lk] describe the key positions; the queries are the last Lq of them, or
+    the key positions ``query_positions`` [Lq] (context parallelism: this rank's chunks, keys gathered).
     Pad keys are never attended; pad queries output exactly 0. combine="mean" divides each row by its number
     of non-empty branches (text rows with earlier images; image rows with earlier text under "self+text").
     mode="causal" ignores image_rows and combine. Returns [B,Hq,Lq,D].
     """
     check_attention_inputs(
-        q, k, v, modality, image_id, sample_id, image_rows=image_rows, combine=combine, mode=mode
+        q, k, v, modality, image_id, sample_id, image_rows=image_rows, combine=combine, mode=mode,
+        query_positions=query_positions,
     )
     check_code_values(modality, image_id)
     group = q.shape[1] // k.shape[1]
@@ -134,7 +137,7 @@ def mmca_attention_reference(
     v = v.float().repeat_interleave(group, dim=1)
     scores = (q.float() @ k.transpose(-1, -2)) * scale
 
-    layout = _Layout(modality, image_id, sample_id, q.shape[2])
+    layout = _Layout(modality, image_id, sample_id, q.shape[2], query_positions)
     outputs, non_empty = zip(*(_branch_attention(scores, keys, v) for keys in _MODES[mode](layout, image_rows)))
     out = sum(outputs)
     if combine == "mean" and mode == "mmca":

@@ -9,6 +9,12 @@ token runs the text path and adds ``0 * image_weight.sum()`` so the image side s
 
 ``image_weight`` carries megatron's tensor-parallel attributes like ``weight`` (split along the same dim): the
 gradient norm (clipping, logging) counts a TP-split parameter on every TP rank and a replicated one on rank 0 only.
+
+Sequence parallelism: like megatron's own linears, the column-parallel input arrives sequence-sharded and is
+all-gathered (backward: reduce-scatter) before the routed matmul, and the row-parallel partial output is
+reduce-scattered to sequence shards instead of all-reduced. Both matmuls run over the full sequence, so
+``routing`` always covers all ``s`` positions; the row linear also gets ``out_routing``, its output's sequence
+shard (what LoRA's row-side adapter, which works on that shard, needs).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from megatron.core.tensor_parallel.layers import (
 )
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 
 from megatron_visualchat.model.token_codes import ImageRouting
@@ -33,9 +41,6 @@ from megatron_visualchat.model.token_codes import ImageRouting
 def _check_supported(layer) -> None:
     if layer.bias is not None:
         raise ValueError("modality_split needs bias-free linears (LLaMA: add_bias_linear=False)")
-    if layer.config.sequence_parallel:
-        raise ValueError("modality_split does not support sequence_parallel: the image mask covers the full "
-                         "sequence; disable sequence parallelism or use modality_split='none'")
 
 
 def _routed_matmul(x: torch.Tensor, routing: ImageRouting, text_weight: torch.Tensor,
@@ -89,7 +94,10 @@ class ModalitySplitColumnParallelLinear(ColumnParallelLinear):
         if self.routing is None or not self.routing.any_image:
             out, bias = super().forward(input_)
             return out + 0.0 * self.image_weight.sum(), bias
-        x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        if self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters the input gradient
+            x = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=self.tp_group)
+        else:
+            x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
         return _routed_matmul(x, self.routing, self.weight, self.image_full_weight()), None
 
 
@@ -102,6 +110,7 @@ class ModalitySplitRowParallelLinear(RowParallelLinear):
         self.image_weight = torch.nn.Parameter(self.weight.detach().clone())
         set_tensor_model_parallel_attributes(self.image_weight, is_parallel=True, dim=1, stride=1)
         self.routing: Optional[ImageRouting] = None
+        self.out_routing: Optional[ImageRouting] = None
 
     def copy_text_weight_to_image(self) -> None:
         with torch.no_grad():
@@ -112,6 +121,8 @@ class ModalitySplitRowParallelLinear(RowParallelLinear):
             out, bias = super().forward(input_)
             return out + 0.0 * self.image_weight.sum(), bias
         partial = _routed_matmul(input_, self.routing, self.weight, self.image_weight)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group), None
         return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group), None
 
 

@@ -5,7 +5,7 @@
     image_embeds = tower(pixels)                                              # [N, 257, 4096]
 """
 
-from .encoders import ENCODERS, EncoderSpec, VisionEncoder, build_encoder, get_encoder_spec
+from .encoders import ENCODERS, EncoderOptions, EncoderSpec, VisionEncoder, build_encoder, get_encoder_spec
 from .preprocess import ImagePreprocess, ImageTransform, default_image_transform
 from .projectors import PROJECTORS, build_projector, projector_options
 from .tower import VisionTower, build_vision_tower
@@ -14,6 +14,7 @@ from .weights import load_encoder_weights
 __all__ = [
     "ENCODERS",
     "PROJECTORS",
+    "EncoderOptions",
     "EncoderSpec",
     "ImagePreprocess",
     "ImageTransform",

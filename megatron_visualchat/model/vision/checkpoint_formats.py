@@ -114,6 +114,33 @@ def hf_vit_to_timm(state: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def timm_vit_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """The inverse of `hf_vit_to_timm` for a CLIP tower (HF `CLIPVisionModel` names without `vision_model.`):
+    qkv split back into q/k/v, cls_token / pos_embed reshaped. Keys it does not know raise, naming them."""
+    layer_renames = {new: old for old, new in _HF_LAYER_RENAMES.items()}
+    top_renames = {new: old for old, new in _HF_TOP_RENAMES.items()}
+    out: StateDict = {}
+    for key, value in state.items():
+        if key == "cls_token":
+            out["embeddings.class_embedding"] = value.reshape(-1)
+        elif key == "pos_embed":
+            out["embeddings.position_embedding.weight"] = value.squeeze(0)
+        elif match := re.fullmatch(r"blocks\.(\d+)\.(.+)", key):
+            layer, rest = match.group(1), match.group(2)
+            if qkv := re.fullmatch(r"attn\.qkv\.(weight|bias)", rest):
+                for part, tensor in zip("qkv", value.chunk(3, dim=0)):
+                    out[f"encoder.layers.{layer}.self_attn.{part}_proj.{qkv.group(1)}"] = tensor
+            elif (renamed := _rename(rest, layer_renames)) != rest or rest.startswith("mlp."):
+                out[f"encoder.layers.{layer}.{renamed}"] = value
+            else:
+                raise ValueError(f"timm ViT tensor {key} has no HF CLIP name")
+        elif (renamed := _rename(key, top_renames)) != key:
+            out[renamed] = value
+        else:
+            raise ValueError(f"timm ViT tensor {key} has no HF CLIP name")
+    return out
+
+
 def _rename(name: str, table: Mapping[str, str]) -> str:
     for old, new in table.items():
         if name.startswith(old):

@@ -18,7 +18,7 @@ files via `load_encoder_weights`. The preprocessing each encoder expects is decl
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from .checkpoint_formats import check_hf_vit_config, check_qwen_vl_config, convert_eva, convert_qwen_vl, convert_vit
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, ImagePreprocess, ImageTransform
+from .preprocess import (
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESIZE_MODES, SIGLIP_MEAN, SIGLIP_STD, ImagePreprocess, ImageTransform,
+)
 from .qwen_vl import QwenVisualEncoder
 from .weights import load_encoder_weights
 
@@ -47,6 +49,52 @@ class EncoderSpec:
     @property
     def image_size(self) -> int:
         return self.preprocess.image_size
+
+    def output_tokens(self, options: EncoderOptions) -> tuple[int, bool]:
+        """(tokens per image, whether token 0 is a class token) under ``options``, without building the encoder."""
+        return self.num_image_tokens - int(options.drop_cls), self.has_cls and not options.drop_cls
+
+    def image_preprocess(self, options: EncoderOptions) -> ImagePreprocess:
+        """The encoder's preprocessing, with ``options.resize`` replacing its resize mode when set."""
+        return self.preprocess if options.resize is None else replace(self.preprocess, resize=options.resize)
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """Which features an encoder hands the projector (VisionConfig.encoder_options; LLaVA's two choices).
+
+    feature_layer: None = the encoder's own output (above); an int k = HF's ``hidden_states[k]`` of the ViT trunk:
+    0 is the embeddings after the pre-norm, k > 0 the output of block k, negative counts from the end (-1 = the
+    last block, -2 = LLaVA-1.5's penultimate layer); no final norm is applied. Blocks past k are kept (their
+    weights still load and export) but not run. Only timm ViT trunks (CLIP, SigLIP) support it.
+    drop_cls: leave out the class token (LLaVA's vision_feature_select_strategy "default"; "full" keeps it).
+    resize: None = the encoder's own preprocessing; else one of preprocess.RESIZE_MODES, e.g. "pad" (LLaVA-1.5's
+    image_aspect_ratio=pad, which grounding needs: nothing is cropped away).
+    """
+
+    feature_layer: int | None = None
+    drop_cls: bool = False
+    resize: str | None = None
+
+    @classmethod
+    def parse(cls, encoder: str, options: Mapping | None) -> EncoderOptions:
+        options = dict(options or {})
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f"encoder {encoder!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        layer = options.get("feature_layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise ValueError(f"encoder {encoder!r}: feature_layer={layer!r} must be an integer (HF hidden_states "
+                             "index) or null")
+        if not isinstance(options.get("drop_cls", False), bool):
+            raise ValueError(f"encoder {encoder!r}: drop_cls={options['drop_cls']!r} must be true or false")
+        if options.get("resize") not in (None, *RESIZE_MODES):
+            raise ValueError(f"encoder {encoder!r}: resize={options['resize']!r} is not one of {list(RESIZE_MODES)}")
+        parsed = cls(**options)
+        if parsed.drop_cls and not get_encoder_spec(encoder).has_cls:
+            raise ValueError(f"encoder {encoder!r}: drop_cls=true, but this encoder has no class token")
+        return parsed
 
 
 # timm architectures we reuse. Feature-extractor overrides: no classifier, no pooling.
@@ -122,18 +170,37 @@ def get_encoder_spec(name: str) -> EncoderSpec:
 
 
 class VisionEncoder(nn.Module):
-    """pixels [N, 3, S, S] -> tokens [N, num_image_tokens, hidden_size]; wraps the architecture in `.model`."""
+    """pixels [N, 3, S, S] -> tokens [N, num_image_tokens, hidden_size]; wraps the architecture in `.model`.
+    ``options`` (EncoderOptions fields) pick the feature layer and whether the class token is kept."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, options: Mapping | None = None) -> None:
         super().__init__()
         self.name = name
         self.spec = get_encoder_spec(name)
+        self.options = EncoderOptions.parse(name, options)
         self.model = self.spec.builder()
         self.hidden_size = self.spec.hidden_size
-        self.num_image_tokens = self.spec.num_image_tokens
-        self.has_cls = self.spec.has_cls
+        self.num_image_tokens, self.has_cls = self.spec.output_tokens(self.options)
         self.image_size = self.spec.image_size
-        self.image_transform: ImageTransform = self.spec.preprocess.transform()
+        self.image_transform: ImageTransform = self.spec.image_preprocess(self.options).transform()
+        self._blocks_run = None if self.options.feature_layer is None else self._feature_blocks()
+
+    def _feature_blocks(self) -> int:
+        """How many trunk blocks produce HF's hidden_states[feature_layer]."""
+        layer = self.options.feature_layer
+        if not isinstance(self.model, timm.models.VisionTransformer):
+            raise ValueError(f"encoder {self.name!r}: feature_layer needs a ViT trunk (CLIP, SigLIP encoders); this "
+                             f"one is a {type(self.model).__name__}: leave feature_layer unset")
+        depth = len(self.model.blocks)
+        if not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"encoder {self.name!r}: feature_layer={layer} is outside [-{depth + 1}, {depth}] (the "
+                             f"{depth + 1} hidden states of a {depth}-block trunk)")
+        return layer % (depth + 1)
+
+    @property
+    def unused_blocks(self) -> int:
+        """Trunk blocks past the feature layer (kept for their weights, never run)."""
+        return 0 if self._blocks_run is None else len(self.model.blocks) - self._blocks_run
 
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         size = self.image_size
@@ -145,12 +212,23 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.check_pixels(pixel_values)
         param = next(self.model.parameters())
-        return self.model.forward_features(pixel_values.to(device=param.device, dtype=param.dtype))
+        pixels = pixel_values.to(device=param.device, dtype=param.dtype)
+        if self._blocks_run is None:
+            features = self.model.forward_features(pixels)
+        else:  # timm's forward_features up to the chosen block, without the final norm
+            m = self.model
+            features = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixels))))
+            for block in m.blocks[:self._blocks_run]:
+                features = block(features)
+        if self.options.drop_cls:
+            features = features[:, 1:]
+        return features
 
 
-def build_encoder(name: str, weights: str | Path | None = None) -> VisionEncoder:
-    """Build encoder `name` (random init); with `weights`, load them from that local file/directory."""
-    encoder = VisionEncoder(name)
+def build_encoder(name: str, weights: str | Path | None = None, options: Mapping | None = None) -> VisionEncoder:
+    """Build encoder `name` (random init) with EncoderOptions `options`; with `weights`, load them from that local
+    file/directory."""
+    encoder = VisionEncoder(name, options)
     if weights is not None:
         load_encoder_weights(encoder, weights)
     return encoder

@@ -16,6 +16,7 @@ from torch import nn
 
 from .encoders import VisionEncoder, build_encoder
 from .projectors import build_projector
+from .weights import load_projector_weights
 
 
 class VisionTower(nn.Module):
@@ -69,10 +70,15 @@ def build_vision_tower(
     freeze_encoder: bool = True,
     projector_options: dict | None = None,
     encoder_weights: str | Path | None = None,
+    encoder_options: dict | None = None,
+    projector_weights: str | Path | None = None,
 ) -> VisionTower:
-    """Encoder `encoder` (ENCODERS; weights from a local file/dir if given) + projector `projector` (PROJECTORS)."""
-    vision = build_encoder(encoder, weights=encoder_weights)
+    """Encoder `encoder` (ENCODERS, with EncoderOptions `encoder_options`; weights from a local file/dir if given) +
+    projector `projector` (PROJECTORS; weights from a safetensors file of its own state dict if given)."""
+    vision = build_encoder(encoder, weights=encoder_weights, options=encoder_options)
     proj = build_projector(
         projector, vision.hidden_size, lm_hidden, vision.num_image_tokens, vision.has_cls, **(projector_options or {})
     )
+    if projector_weights is not None:
+        load_projector_weights(proj, projector_weights)
     return VisionTower(vision, proj, freeze_encoder=freeze_encoder)

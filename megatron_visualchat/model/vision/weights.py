@@ -5,6 +5,8 @@ Accepted `path` (read by `checkpoint.weight_files.HFWeights`, tensor by tensor, 
     {"model"|"state_dict"|"module": state_dict} wrapper is unwrapped);
   * a HF model directory (one weight file or a sharded index); a `config.json` next to the weights is checked
     against the encoder when the encoder family knows how (hidden size, depth, heads, activation, ...).
+`load_projector_weights` fills a projector from a file of its own state dict, equally strictly.
+
 Only the keys the family converter (checkpoint_formats.py) asks for are read, so pointing at a whole Qwen-VL-Chat or
 CLIPModel checkpoint only materialises the vision tensors. Then every parameter and buffer of the encoder must be
 matched exactly, else a CheckpointError (a ValueError) lists a few offenders.
@@ -39,6 +41,15 @@ def load_encoder_weights(encoder: VisionEncoder, path: str | Path) -> None:
     state = spec.convert_checkpoint(source, model)
     _check_matches(model.state_dict(), state, f"{path} -> encoder {encoder.name!r}")
     model.load_state_dict(state, strict=True)
+
+
+def load_projector_weights(projector: torch.nn.Module, path: str | Path) -> None:
+    """Fill `projector` strictly from a weight file holding its own state dict (what `import-hf` writes as
+    projector.safetensors), so a run can start from a released projector instead of a random one."""
+    source = HFWeights(Path(path))
+    state = {name: source[name] for name in source}
+    _check_matches(projector.state_dict(), state, f"{path} -> projector {type(projector).__name__}")
+    projector.load_state_dict(state, strict=True)
 
 
 def _check_matches(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str) -> None:
