@@ -18,5 +18,5 @@ GROUNDING="$OUT/data/grounding"
 for arg in "$@"; do [ "$arg" != --dry-run ] || exit 0; done
 .venv/bin/megatron-visualchat eval-replay --load "$OUT/chat" --data "$GROUNDING/eval_rec.json" \
   --image-root "$GROUNDING" --out-dir "$OUT/eval_rec" > "$OUT/eval_rec.log"
-.venv/bin/python examples/grounding_report.py --grounding "$GROUNDING" --results "$OUT/eval_rec/results.jsonl"
+.venv/bin/python -m megatron_visualchat.inference.grounding_report --grounding "$GROUNDING" --results "$OUT/eval_rec/results.jsonl"
 echo "Ask it yourself: .venv/bin/megatron-visualchat chat --load $OUT/chat --image $GROUNDING/images/eval-000000.png"

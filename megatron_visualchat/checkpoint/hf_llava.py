@@ -267,7 +267,7 @@ def _meta_tower(plan: LlavaImport):
 
 def _check_vision(plan: LlavaImport) -> None:
     """The tower's and the projector's tensors against the matched encoder and projector, on the meta device."""
-    from megatron_visualchat.model.vision.weights import _check_matches
+    from megatron_visualchat.model.vision.weights import check_state_matches
 
     tower = _meta_tower(plan)
     source = str(plan.hf.dir)
@@ -276,7 +276,7 @@ def _check_vision(plan: LlavaImport) -> None:
         shapes = {n: s for f in set(view.weight_map.values()) for n, s in view.shapes(f).items()}
         meta = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
         state = tower.encoder.spec.convert_checkpoint(meta, module) if what == "vision tower" else meta
-        _check_matches(module.state_dict(), state, f"{source} {what} -> {plan.vision.encoder}/{plan.vision.projector}")
+        check_state_matches(module.state_dict(), state, f"{source} {what} -> {plan.vision.encoder}/{plan.vision.projector}")
 
 
 def _encoder_state(plan: LlavaImport, target: torch.dtype) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from megatron_visualchat.checkpoint.checksums import read_checksums, verify
 from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.checkpoint.layout import TRACKER_FILE, iteration_dir, latest_iteration
 from megatron_visualchat.checkpoint.training_state import (
-    META_FILE, RESUME_KEYS, _fix_for, _rank_file, _read_rank_file, differences,
+    META_FILE, RESUME_KEYS, differences, read_trainable_rank_file, repair_hint, trainable_rank_file,
 )
 
 LAYOUT = ("tp", "pp", "vpp", "pp_layers")
@@ -43,7 +43,7 @@ def load_weights(root: Union[str, Path], chunks: list, config_record: dict) -> i
     root = Path(root)
     iteration = init_iteration(root)
     directory = iteration_dir(root, iteration)
-    fix = _fix_for(root, iteration)
+    fix = repair_hint(root, iteration)
     digests = read_checksums(directory, fix, warn=dist.get_rank() == 0)
     verify(directory, META_FILE, digests, fix)
     try:
@@ -54,8 +54,8 @@ def load_weights(root: Union[str, Path], chunks: list, config_record: dict) -> i
     if diffs:
         raise CheckpointError(f"--init-from {root} was saved with another model or TP/PP layout (only what trains may "
                               f"differ): {'; '.join(diffs)}")
-    path = _rank_file(directory)
-    state = _read_rank_file(directory, path, digests, fix)
+    path = trainable_rank_file(directory)
+    state = read_trainable_rank_file(directory, path, digests, fix)
     for model, saved in zip(unwrap_model(chunks), state["model"]):
         own = model.state_dict()
         wrong = [f"{k} (absent here)" if k not in own else f"{k} (saved {tuple(v.shape)}, here {tuple(own[k].shape)})"

@@ -142,7 +142,7 @@ class KeepLast:
         return [i for i in own if i not in keep]
 
 
-def _rank_file(directory: Path) -> Path:
+def trainable_rank_file(directory: Path) -> Path:
     return rank_dir(directory, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                     pp_suffix=True) / RANK_FILE
 
@@ -212,7 +212,7 @@ def save_checkpoint(root: Union[str, Path], iteration: int, chunks: list, optimi
     named = reshard.named_optimizer_state(chunks, optimizer) if has_trainable else None  # collective (DP)
     digest = None
     if ps.get_data_parallel_rank(with_context_parallel=True) == 0:  # one writer per TP/PP position
-        path = _rank_file(tmp)
+        path = trainable_rank_file(tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({
             "iteration": iteration, "consumed_samples": consumed_samples,
@@ -328,7 +328,7 @@ def _load_dp_zero_state(part, param_state) -> None:
             inner[p]["step"] = step
 
 
-def _fix_for(root: Path, iteration: int) -> str:
+def repair_hint(root: Path, iteration: int) -> str:
     """What to do when a file of ``iteration`` is damaged."""
     others = [i for i in saved_iterations(root) if i != iteration]
     if not others:
@@ -349,7 +349,7 @@ def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, 
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path} not found: {root} is not a training checkpoint (a converted base LLM "
                               "is loaded with --llm-load)")
-    fix = _fix_for(root, iteration)
+    fix = repair_hint(root, iteration)
     digests = read_checksums(directory, fix, warn=dist.get_rank() == 0)
     verify(directory, META_FILE, digests, fix)
     try:
@@ -360,10 +360,10 @@ def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, 
     saved, current = _saved_layout(meta, distributed_optimizer), _layout(config_record, distributed_optimizer)
     check_layout_change(meta, saved, current, directory)
     if saved == current:
-        path = _rank_file(directory)
+        path = trainable_rank_file(directory)
         if not path.is_file():
             raise CheckpointError(f"{path} not found: {directory} is incomplete: {fix}")
-        state = _read_rank_file(directory, path, digests, fix)
+        state = read_trainable_rank_file(directory, path, digests, fix)
         if not scheduler.override_opt_param_scheduler:
             check_schedule(state["scheduler"], scheduler.state_dict(), path)
         for model, saved_model in zip(unwrap_model(chunks), state["model"]):
@@ -384,7 +384,7 @@ def load_checkpoint(root: Union[str, Path], chunks: list, optimizer, scheduler, 
     return {"iteration": state["iteration"], "consumed_samples": state["consumed_samples"], "layout_change": change}
 
 
-def _read_rank_file(directory: Path, path: Path, digests, fix: str) -> dict:
+def read_trainable_rank_file(directory: Path, path: Path, digests, fix: str) -> dict:
     verify(directory, path.relative_to(directory).as_posix(), digests, fix)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -408,7 +408,7 @@ def _load_resharded(directory: Path, meta: dict, digests, fix: str, chunks: list
             if not path.is_file():
                 raise CheckpointError(f"{path} not found: {directory} is incomplete ({meta['tp']} x {meta['pp']} "
                                       f"rank files expected): {fix}")
-            states.append((tp_rank, pp_rank, _read_rank_file(directory, path, digests, fix)))
+            states.append((tp_rank, pp_rank, read_trainable_rank_file(directory, path, digests, fix)))
     first = states[0][2]
     if not scheduler.override_opt_param_scheduler:
         check_schedule(first["scheduler"], scheduler.state_dict(), directory / META_FILE)

@@ -39,7 +39,7 @@ def load_encoder_weights(encoder: VisionEncoder, path: str | Path) -> None:
     if path.is_dir() and config_file.is_file() and spec.check_hf_config is not None:
         spec.check_hf_config(json.loads(config_file.read_text()), model, str(config_file))
     state = spec.convert_checkpoint(source, model)
-    _check_matches(model.state_dict(), state, f"{path} -> encoder {encoder.name!r}")
+    check_state_matches(model.state_dict(), state, f"{path} -> encoder {encoder.name!r}")
     model.load_state_dict(state, strict=True)
 
 
@@ -48,11 +48,11 @@ def load_projector_weights(projector: torch.nn.Module, path: str | Path) -> None
     projector.safetensors), so a run can start from a released projector instead of a random one."""
     source = HFWeights(Path(path))
     state = {name: source[name] for name in source}
-    _check_matches(projector.state_dict(), state, f"{path} -> projector {type(projector).__name__}")
+    check_state_matches(projector.state_dict(), state, f"{path} -> projector {type(projector).__name__}")
     projector.load_state_dict(state, strict=True)
 
 
-def _check_matches(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str) -> None:
+def check_state_matches(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str) -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     wrong_shape = [

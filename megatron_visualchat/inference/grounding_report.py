@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """The grounding quickstart's verdict: held-out REC accuracy@0.5 (IoU >= 0.5) of an ``eval-replay`` run, against
 a model that ignores the image and always answers the mean training box.
 
-    python examples/grounding_report.py --grounding DIR --results EVAL_OUT/results.jsonl
+    python -m megatron_visualchat.inference.grounding_report --grounding DIR --results EVAL_OUT/results.jsonl
 
 ``DIR`` is the synthetic grounding set (``train.jsonl`` boxes give the mean box, ``eval_rec.json`` the held-out
 references, both in source pixels).
