@@ -70,3 +70,16 @@ def merge_rank_results(results: list[dict], tp: int):
     grads = merge_state_dicts(((r["tp_rank"], r["pp_rank"], layers, {k: g for k, g in grads.items() if g is not None})
                                for r in results for layers, grads in r["shards"]), tp)
     return losses[0], grads
+
+
+def full_state_off_start(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s full state dict with every LoRA B and image-side weight moved off its start: at the start B is
+    zero and the image side copies the text side, so layouts that mishandle them would still agree. Draws from
+    torch's global generator (seed it before building the model)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0.0, 0.2)
+            elif name.endswith("image_weight"):
+                p.add_(0.05 * torch.randn_like(p))
+    return {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}

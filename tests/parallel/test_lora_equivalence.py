@@ -9,7 +9,9 @@ import torch
 from megatron_visualchat.config import LLM_PRESETS, AttentionConfig, LoraConfig, VisionConfig, VisualChatConfig
 from megatron_visualchat.testing.batches import visualchat_batch
 from megatron_visualchat.testing.distributed import run_parallel
-from megatron_visualchat.testing.equivalence import current_parallel, merge_rank_results, run_step_on_shard
+from megatron_visualchat.testing.equivalence import (
+    current_parallel, full_state_off_start, merge_rank_results, run_step_on_shard,
+)
 from megatron_visualchat.training.step import visualchat_forward_step
 
 LLM = LLM_PRESETS["tiny"]
@@ -39,13 +41,7 @@ def _full(split):
     """TP=1 weights with every adapter's B (and the image-side weights) moved off their start."""
     torch.manual_seed(11)
     model = _build(split)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_b"):
-                p.normal_(0.0, 0.2)
-            elif name.endswith("image_weight"):
-                p.add_(0.05 * torch.randn_like(p))
-    return {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+    return full_state_off_start(model)
 
 
 def _step(split, full, dropout=0.0):

@@ -21,7 +21,7 @@ from megatron_visualchat.config import (
 )
 from megatron_visualchat.testing.batches import visualchat_batch
 from megatron_visualchat.testing.distributed import run_parallel
-from megatron_visualchat.testing.equivalence import current_parallel, load_full_state_dict
+from megatron_visualchat.testing.equivalence import current_parallel, full_state_off_start, load_full_state_dict
 
 LLM = LLM_PRESETS["tiny"]
 T = 17  # tiny encoder: CLS + 4x4 patches, linear projector keeps them all
@@ -66,13 +66,7 @@ def _full(case):
     """TP=1 weights with the image sides and LoRA B moved off their start (else their gradients would vanish)."""
     torch.manual_seed(11)
     model = _build(case, sp=False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_b"):
-                p.normal_(0.0, 0.2)
-            elif name.endswith("image_weight"):
-                p.add_(0.05 * torch.randn_like(p))
-    return {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+    return full_state_off_start(model)
 
 
 def _train_step(case, full, sp, recompute=False):

@@ -8,7 +8,9 @@ import torch
 from megatron_visualchat.config import LLM_PRESETS, AttentionConfig, VisionConfig, VisualChatConfig
 from megatron_visualchat.model.token_codes import MODALITY_TEXT, codes_from_layout, pack_token_codes
 from megatron_visualchat.testing.distributed import run_parallel
-from megatron_visualchat.testing.equivalence import current_parallel, merge_rank_results, run_step_on_shard
+from megatron_visualchat.testing.equivalence import (
+    current_parallel, full_state_off_start, merge_rank_results, run_step_on_shard,
+)
 from megatron_visualchat.training.step import visualchat_forward_step
 
 LLM = LLM_PRESETS["tiny"]
@@ -56,11 +58,7 @@ def _build(vp_stage=None):
 def _full():
     torch.manual_seed(11)
     model = _build()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "image_weight" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    return {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+    return full_state_off_start(model)
 
 
 def _step(full):
