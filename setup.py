@@ -13,7 +13,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_visualchat", "megatron_visualchat.*"]),
-    package_data={"megatron_visualchat.inference": ["static/*"]},  # the chat page `serve` shows
+    # the chat page `serve` shows; the modeling files `export-hf` copies into a trust_remote_code directory
+    package_data={"megatron_visualchat.inference": ["static/*"], "megatron_visualchat.checkpoint": ["hf_remote/*.py"]},
     install_requires=[
         "torch",
         "torchvision",
@@ -27,6 +28,7 @@ setup(
         "tqdm",
         "tensorboard",
         "pyyaml",  # training recipes (already required by timm)
+        "protobuf",  # sentencepiece's model proto, edited when `fuse` merges two vocabularies
     ],
     extras_require={
         "hf": ["transformers"],

@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "import-hf": "megatron_visualchat.checkpoint.hf_llava:main",
     "export-hf": "megatron_visualchat.checkpoint.hf_llava_export:main",
     "fuse": "megatron_visualchat.checkpoint.fuse:main",
+    "chat-to-megatron": "megatron_visualchat.checkpoint.chat_to_megatron:main",
     "chat": "megatron_visualchat.inference.cli:main",
     "eval-replay": "megatron_visualchat.inference.cli:eval_main",
     "serve": "megatron_visualchat.inference.server:main",

@@ -313,6 +313,26 @@ class ParallelConfig:
             self.check_world_size(world_size)
 
 
+MODEL_KINDS = ("visualchat", "jam-cross")
+JAM_CROSS = "jam-cross"
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Which model is built: ``visualchat`` (one decoder, the vision tower in front) or ``jam-cross`` (JAM-Cross,
+    docs/fusion.md: two text-only towers of one architecture, gated cross-attention between them after every
+    ``cross_interval``-th layer, one joint head; ``model/jam_cross.py``). A ``fuse --method cross`` checkpoint
+    records it; ``--model-preset from-llm-load`` reads it from there."""
+
+    kind: str = "visualchat"
+    cross_interval: int = 1
+
+    def validate(self) -> None:
+        check_choice("fusion.kind", self.kind, MODEL_KINDS)
+        if self.cross_interval < 1:
+            raise ConfigError(f"fusion.cross_interval={self.cross_interval} must be >= 1")
+
+
 @dataclass(frozen=True)
 class VisualChatConfig:
     llm: LLMConfig = LLM_PRESETS["tiny"]
@@ -321,6 +341,7 @@ class VisualChatConfig:
     trainable: TrainableConfig = TrainableConfig()
     parallel: ParallelConfig = ParallelConfig()
     lora: LoraConfig = LoraConfig()
+    fusion: FusionConfig = FusionConfig()
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "VisualChatConfig":
@@ -346,11 +367,34 @@ class VisualChatConfig:
             raise ConfigError(f"attention.cross_attention_interval={self.attention.cross_attention_interval} exceeds "
                               f"num_layers={self.llm.num_layers}: no layer would get cross-attention, so no image "
                               "would reach the model")
-        if self.parallel.vpp is not None and self.attention.mode == "cross":
-            raise ConfigError("parallel.vpp is not supported with attention.mode='cross' yet: its p2p tensor changes "
-                              "length with each batch's images, and megatron-core's interleaved schedule sends and "
-                              "receives such tensors out of order; drop --virtual-pipeline-model-parallel-size")
+        self.fusion.validate()
+        if self.fusion.kind == JAM_CROSS:
+            self._validate_jam_cross()
         return self
+
+    def _validate_jam_cross(self) -> None:
+        """JAM-Cross is two text towers: what acts on images, and the layouts its forward does not implement yet,
+        are refused by name."""
+        unsupported = {
+            "a vision encoder or projector (--vision-*, --projector*): the fused model reads text and image codes "
+            "only": self.vision != VisionConfig(),
+            "--trainable vision_encoder / new_token_rows_only": self.trainable.vision_encoder
+            or self.trainable.new_token_rows_only,
+            "image-side attention options (--attention-mode cross, --modality-split, --modality-norms, "
+            "--image-rows, --combine, --attention-backend te)": self.attention.mode == "cross"
+            or dataclasses.replace(self.attention, mode="mmca") != AttentionConfig(),
+            "LoRA (--lora-rank, --vision-lora-rank)": self.lora.enabled,
+            "--sequence-parallel, --context-parallel-size > 1, --virtual-pipeline-model-parallel-size":
+                self.parallel.sequence_parallel or self.parallel.cp > 1 or self.parallel.vpp is not None,
+            "tied embeddings (the joint head starts from tower A's own output layer)": not self.llm.untie_embeddings,
+        }
+        wrong = [what for what, bad in unsupported.items() if bad]
+        if wrong:
+            raise ConfigError("fusion.kind='jam-cross' (a fuse --method cross checkpoint) does not support: "
+                              + "; ".join(wrong))
+        if self.fusion.cross_interval > self.llm.num_layers:
+            raise ConfigError(f"fusion.cross_interval={self.fusion.cross_interval} exceeds num_layers="
+                              f"{self.llm.num_layers}: the towers would never exchange anything")
 
 
 def pipeline_layout(parallel: ParallelConfig) -> Optional[list[list[str]]]:

@@ -2,9 +2,11 @@
 
     <dir>/model.safetensors        full (TP=1, PP=1) VisualChatModel state dict: language model, vision encoder,
                                    projector, modality-split image weights
-    <dir>/visualchat_config.json   the model's VisualChatConfig (llm, attention, vision, trainable; no parallel)
+    <dir>/visualchat_config.json   the model's VisualChatConfig (llm, attention, vision, trainable, fusion; no parallel)
     <dir>/tokenizer.model          sentencepiece model  } written by VisualChatTokenizer.save
     <dir>/added_tokens.json        <image>/<pad> ids    }
+    <dir>/image_tokenizer.json     only for a model that writes images as codes: the image tokenizer's registry
+    <dir>/image_tokenizer/         name and fingerprint, and a copy of its files (config.json, *.safetensors)
     <dir>/SHA256SUMS               checksums of the files above (``checksums.py``)
 
 ``save_chat_checkpoint`` is the one writer (training's ``--export-dir``, or a chat model from Python): it merges the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -41,6 +44,7 @@ from megatron_visualchat.checkpoint.sharding import (
 )
 from megatron_visualchat.config import (
     AttentionConfig,
+    FusionConfig,
     LLMConfig,
     TrainableConfig,
     VisionConfig,
@@ -49,7 +53,9 @@ from megatron_visualchat.config import (
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "visualchat_config.json"
-_SECTIONS = {"llm": LLMConfig, "attention": AttentionConfig, "vision": VisionConfig, "trainable": TrainableConfig}
+IMAGE_TOKENIZER_FILE, IMAGE_TOKENIZER_DIR = "image_tokenizer.json", "image_tokenizer"
+_SECTIONS = {"llm": LLMConfig, "attention": AttentionConfig, "vision": VisionConfig, "trainable": TrainableConfig,
+             "fusion": FusionConfig}  # files written before "fusion" existed read as the one-decoder model
 _VOCAB_ROWS = ("word_embeddings.weight", "output_layer.weight")
 DAMAGED_FIX = "export it again (pretrain_vchat.py --load SAVE_DIR --export-dir DIR) or restore it from a copy"
 
@@ -122,15 +128,54 @@ def gather_full_state_dict(model, state_dict: Optional[Callable] = None) -> Opti
     return merged
 
 
+def _image_tokenizer_record(tokenizer, image_tokenizer: Optional[tuple[str, str]]) -> Optional[dict]:
+    """What ``image_tokenizer.json`` holds for ``(name, directory)``, after checking it fits ``tokenizer``."""
+    if image_tokenizer is None:
+        return None
+    from megatron_visualchat.model.image_tokenizer import load_image_tokenizer
+
+    name, directory = image_tokenizer
+    loaded = load_image_tokenizer(name, directory)
+    if tokenizer.image_codebook_size != loaded.codebook_size:
+        raise CheckpointError(f"image tokenizer {name}:{directory} has {loaded.codebook_size} codes but the "
+                              f"tokenizer has {tokenizer.image_codebook_size} code tokens: they do not belong together")
+    return {"name": name, "fingerprint": loaded.fingerprint, "num_codes": loaded.num_codes,
+            "codebook_size": loaded.codebook_size}
+
+
+def _copy_image_tokenizer_files(directory: str, target: Path) -> None:
+    """The files the image tokenizers read (``config.json``, ``*.safetensors``; nothing pickled)."""
+    target.mkdir()
+    for path in [Path(directory) / "config.json", *sorted(Path(directory).glob("*.safetensors"))]:
+        shutil.copy2(path, target / path.name)
+
+
+def read_image_tokenizer_record(load_dir: Union[str, Path]) -> Optional[tuple[str, Path, str]]:
+    """(registry name, directory of its files, fingerprint) of the image tokenizer a chat checkpoint records, or
+    None (a model that writes no images)."""
+    path = Path(load_dir) / IMAGE_TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return record["name"], Path(load_dir) / IMAGE_TOKENIZER_DIR, record["fingerprint"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}): {DAMAGED_FIX}") from None
+
+
 def save_chat_checkpoint(model, tokenizer, out_dir: Union[str, Path], *,
-                         state_dict: Optional[Callable] = None) -> Path:
+                         state_dict: Optional[Callable] = None,
+                         image_tokenizer: Optional[tuple[str, str]] = None) -> Path:
     """Write the chat checkpoint of ``model``: a VisualChatModel, or this rank's list of model chunks (one per
     virtual pipeline stage; DDP / Float16Module wrappers are looked through). Collective: every rank calls it, the
     data-parallel rank 0 of each TP/PP position sends its shards, global rank 0 merges and writes them into a temp
     directory beside ``out_dir``, checksums last, and renames it into place. ``state_dict(chunk)`` gives the
     tensors to write; a model with LoRA adapters needs ``model.lora.merge_lora``, which folds them into the weights
-    (the file then loads into a model built without LoRA, from the config written beside it)."""
+    (the file then loads into a model built without LoRA, from the config written beside it).
+    ``image_tokenizer``: ``(name, directory)`` of the image tokenizer whose codes the model writes (the training
+    run's ``--image-tokenizer``); its files are copied in, so chat can draw the images."""
     check_export_dir(out_dir)
+    image_record = _image_tokenizer_record(tokenizer, image_tokenizer)
     cfg = unwrap_model(model if isinstance(model, list) else [model])[0].cfg
     if cfg.lora.enabled and state_dict is None:
         raise CheckpointError("this model has LoRA adapters, which a chat checkpoint does not hold: pass "
@@ -142,6 +187,9 @@ def save_chat_checkpoint(model, tokenizer, out_dir: Union[str, Path], *,
                       metadata={"format": "pt", "producer": "megatron_visualchat"})
             (tmp / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
             tokenizer.save(str(tmp))
+            if image_record is not None:
+                _copy_image_tokenizer_files(image_tokenizer[1], tmp / IMAGE_TOKENIZER_DIR)
+                (tmp / IMAGE_TOKENIZER_FILE).write_text(json.dumps(image_record, indent=2) + "\n")
     dist.barrier()
     return Path(out_dir)
 

@@ -19,8 +19,10 @@ LLaMA-architecture checkpoint: train it with ``--model-preset from-llm-load --ll
   the copy model reproduces the parent's logits exactly (tested), otherwise each half is rescaled by the joint
   RMS.
 
-The vocabulary must be the same in both parents (same size; tokenizer files, when present, byte-identical):
-merging two tokenizers is not done here, and a mismatch is refused naming it.
+Parents with different vocabularies are merged (``vocab_merge.py``): A's vocabulary, then the tokens only B has.
+A token both parents have rows for gets ``fuse_tensor`` of its two rows (by its id in each); a token one parent has
+gets ``one_row`` of that parent's row: as it is (uniform), or in its parent's half with zeros in the other
+(width; the output row is not halved, so its logit is that parent's).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +50,12 @@ from megatron_visualchat.checkpoint.legacy_format import (
 from megatron_visualchat.checkpoint.sharding import (
     global_layer_name, merge_tensors, pad_vocab_rows, split_kind, split_tensor, stage_layer_range,
 )
+from megatron_visualchat.checkpoint.vocab_merge import (
+    MERGED_TOKENIZER_DIR, ParentVocab, VocabMerge, merge_vocabularies,
+)
 from megatron_visualchat.argtypes import int_list
 from megatron_visualchat.config import LLMConfig, ParallelConfig
+from megatron_visualchat.data.tokenizer import MODEL_FILE
 
 WIDTH_VARIANTS = ("copy", "average")
 
@@ -57,14 +64,17 @@ WIDTH_VARIANTS = ("copy", "average")
 class FuseOptions:
     alpha: float = 0.5  # uniform: weight of model A
     variant: str = "copy"  # width: off-diagonal blocks
+    cross_interval: int = 1  # cross: a cross link after every N-th layer
 
 
 @dataclass(frozen=True)
 class FuseMethod:
-    """How to fuse two parents: the fused architecture, and one fused tensor from the parents' full tensors."""
+    """How to fuse two parents: the fused architecture, and one fused tensor from the parents' full tensors;
+    ``one_row``: the fused embedding / output rows of tokens only one parent ("a" or "b") has (``vocab_merge``)."""
 
     fused_llm: Callable[[LLMConfig, LLMConfig, FuseOptions], LLMConfig]
     fuse_tensor: Callable[[str, torch.Tensor, torch.Tensor, LLMConfig, LLMConfig, FuseOptions], torch.Tensor]
+    one_row: Callable[[str, torch.Tensor, str, LLMConfig, LLMConfig], torch.Tensor]
 
 
 def _arch(llm: LLMConfig) -> LLMConfig:
@@ -85,6 +95,10 @@ def _uniform_tensor(name, a, b, la, lb, opts: FuseOptions) -> torch.Tensor:
     if opts.alpha in (0.0, 1.0):  # exactly one parent, bit for bit
         return (a if opts.alpha == 1.0 else b).clone()
     return (opts.alpha * a.float() + (1.0 - opts.alpha) * b.float()).to(a.dtype)
+
+
+def _uniform_one_row(name, rows, side, la, lb) -> torch.Tensor:
+    return rows.clone()
 
 
 # ------------------------------------------------------------------------------------------------ width
@@ -136,10 +150,18 @@ def _width_tensor(name, a, b, la, lb, opts: FuseOptions) -> torch.Tensor:
     return _blocks(a, b, opts.variant)
 
 
+def _width_one_row(name, rows, side, la, lb) -> torch.Tensor:
+    """The parent's row in its half, zeros in the other; output rows are not halved (that parent's logit)."""
+    zeros = rows.new_zeros(rows.shape[0], (lb if side == "a" else la).hidden_size)
+    return torch.cat([rows, zeros] if side == "a" else [zeros, rows], dim=1)
+
+
 FUSE_METHODS: dict[str, FuseMethod] = {
-    "uniform": FuseMethod(_uniform_llm, _uniform_tensor),
-    "width": FuseMethod(_width_llm, _width_tensor),
+    "uniform": FuseMethod(_uniform_llm, _uniform_tensor, _uniform_one_row),
+    "width": FuseMethod(_width_llm, _width_tensor, _width_one_row),
 }
+# Fusions that keep both parents whole as the towers of a dual-tower model write their own layout.
+TOWER_METHODS = ("cross",)  # checkpoint/fuse_cross.py
 
 
 # ------------------------------------------------------------------------------------------ streaming
@@ -168,25 +190,64 @@ class FullTensorReader:
         return full[:self.record.llm.vocab_size] if name in VOCAB_KEYS else full
 
 
-def _tokenizer_digest(load_dir: Path) -> Optional[str]:
-    tok = load_dir / TOKENIZER_DIR
-    files = sorted(p for p in tok.iterdir() if p.is_file()) if tok.is_dir() else []
+def tokenizer_digest(load_dir: Path) -> Optional[str]:
+    dirs = [load_dir / d for d in (TOKENIZER_DIR, MERGED_TOKENIZER_DIR)]
+    files = sorted(p for d in dirs if d.is_dir() for p in d.iterdir() if p.is_file())
     if not files:
         return None
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+        h.update(f"{p.parent.name}/{p.name}".encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
+
+
+def _vocabulary(a: FullTensorReader, b: FullTensorReader) -> Optional[VocabMerge]:
+    """None when the parents share one vocabulary (same size, same tokenizer files): rows fuse one to one.
+    Otherwise the merge of their tokenizers (``vocab_merge.py``)."""
+    la, lb = a.record.llm, b.record.llm
+    if la.vocab_size == lb.vocab_size and tokenizer_digest(a.dir) == tokenizer_digest(b.dir):
+        return None
+    differ = (f"{a.dir} and {b.dir} have different vocabularies ({la.vocab_size} vs {lb.vocab_size} tokens, or "
+              "different tokenizer files)")
+    parents = [ParentVocab.read(r.dir, r.record.llm.vocab_size) for r in (a, b)]
+    missing = [str(r.dir) for r, p in zip((a, b), parents) if p is None]
+    if missing:
+        raise CheckpointError(f"{differ}, and {' and '.join(missing)} has no sentencepiece tokenizer to merge them "
+                              f"by ({TOKENIZER_DIR}/{MODEL_FILE} or {MERGED_TOKENIZER_DIR}/): convert it from a HF "
+                              "directory holding its tokenizer.model")
+    return merge_vocabularies(*parents)
 
 
 def _fused_hf_config(parent: Optional[dict], llm: LLMConfig) -> dict:
     """Model A's HF config with the fused sizes, so ``megatron-to-hf`` exports the fused model like any other."""
     config = dict(parent or {})
-    config.update(hidden_size=llm.hidden_size, num_attention_heads=llm.num_attention_heads,
+    config.update(vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, num_attention_heads=llm.num_attention_heads,
                   num_key_value_heads=llm.query_groups, intermediate_size=llm.ffn_hidden_size)
     if "head_dim" in config:
         config["head_dim"] = llm.head_dim
     return config
+
+
+def write_rank_files(out: Path, record: ConversionRecord, parallel: ParallelConfig, target: torch.dtype,
+                     full: Callable[..., torch.Tensor]) -> None:
+    """Write every rank file of ``record``'s TP x PP layout, one tensor at a time: ``full(name, meta=...)`` gives
+    the whole tensor (on the meta device first, for the files' layouts), split here for each TP rank."""
+    llm, tp, pp = record.llm, parallel.tp, parallel.pp
+    extra = {"args": megatron_args(record), "checkpoint_version": CHECKPOINT_VERSION, "iteration": record.iteration}
+    for s in range(pp):
+        layers = stage_layer_range(llm, parallel, s)
+        tensors = {k: None if m is None else global_layer_name(k, layers) for k, m in stage_state_keys(llm, parallel, s)}
+        shapes = {k: None if g is None else full(g, meta=True) for k, g in tensors.items()}
+        layouts = [{k: None if t is None else (tuple(split_tensor(t, split_kind(k), tp, r).shape), target)
+                    for k, t in shapes.items()} for r in range(tp)]
+        with ExitStack() as files:  # on an error, the files are closed and the error is not masked
+            writers = [files.enter_context(RankFileWriter(rank_file(out, record.iteration, r, s, pp), layouts[r],
+                                                          extra)) for r in range(tp)]
+            for k, g in tensors.items():
+                if g is not None:
+                    t = full(g)
+                    for r, writer in enumerate(writers):
+                        writer.write(k, [split_tensor(t, split_kind(k), tp, r)])
 
 
 def fuse_checkpoints(model_a: Union[str, Path], model_b: Union[str, Path], out_dir: Union[str, Path], *,
@@ -194,49 +255,52 @@ def fuse_checkpoints(model_a: Union[str, Path], model_b: Union[str, Path], out_d
                      pp_layers: Optional[Sequence[int]] = None, dtype: Optional[str] = None,
                      force: bool = False) -> Path:
     """Fuse two converted checkpoints into ``out_dir`` (legacy layout at ``tp`` x ``pp``); returns ``out_dir``."""
+    if method in TOWER_METHODS:  # imported here: fuse_cross builds on this module's reader and writer
+        from megatron_visualchat.checkpoint.fuse_cross import fuse_cross
+
+        return fuse_cross(model_a, model_b, out_dir, cross_interval=options.cross_interval, tp=tp, pp=pp,
+                          pp_layers=pp_layers, dtype=dtype, force=force)
     if method not in FUSE_METHODS:
         raise CheckpointError(f"unknown fusion method {method!r}: choose one of {', '.join(FUSE_METHODS)}")
     fuse = FUSE_METHODS[method]
     a, b = FullTensorReader(Path(model_a)), FullTensorReader(Path(model_b))
     la, lb = a.record.llm, b.record.llm
-    if la.vocab_size != lb.vocab_size or _tokenizer_digest(a.dir) != _tokenizer_digest(b.dir):
-        raise CheckpointError(f"{a.dir} and {b.dir} have different vocabularies ({la.vocab_size} vs {lb.vocab_size} "
-                              "tokens, or different tokenizer files): fusion needs one shared tokenizer")
     llm = fuse.fused_llm(la, lb, options)
+    vocab = _vocabulary(a, b)
+    if vocab is not None:
+        llm = dataclasses.replace(llm, vocab_size=vocab.vocab_size)
     parallel = ParallelConfig(tp=tp, pp=pp, pp_layers=tuple(pp_layers) if pp_layers else None)
     parallel.validate(llm)
     target = dtype_from_name(dtype or a.record.dtype)
-    out = prepare_out(out_dir, force=force, inputs=[a.dir, b.dir], replaced=MEGATRON_OUTPUTS)
+    outputs = (*MEGATRON_OUTPUTS, MERGED_TOKENIZER_DIR)
+    out = prepare_out(out_dir, force=force, inputs=[a.dir, b.dir], replaced=outputs)
     hf_config = _fused_hf_config(a.record.hf_config, llm)
+    if vocab is not None:
+        vocab.remap_ids(hf_config, f"{a.dir} (its HF config)")
     hf_config["fused_from"] = {"method": method, **dataclasses.asdict(options), "model_a": str(a.dir),
-                               "model_b": str(b.dir), "vocabulary": "shared (model A's tokenizer)"}
+                               "model_b": str(b.dir),
+                               "vocabulary": vocab.record() if vocab else "shared (model A's tokenizer)"}
     record = ConversionRecord(llm=llm, tp=tp, pp=pp, pp_layers=parallel.pp_layers, dtype=dtype or a.record.dtype,
                               hf_config=hf_config)
-    extra = {"args": megatron_args(record), "checkpoint_version": CHECKPOINT_VERSION, "iteration": record.iteration}
     vocab_rows = llm.padded_vocab_size(tp)
 
     def fused(name: str, *, meta: bool = False) -> torch.Tensor:
-        t = fuse.fuse_tensor(name, a.read(name, meta=meta).to(target), b.read(name, meta=meta).to(target), la, lb,
-                             options)
-        return pad_vocab_rows(t, vocab_rows) if name in VOCAB_KEYS else t
+        ta, tb = a.read(name, meta=meta).to(target), b.read(name, meta=meta).to(target)
+        if name not in VOCAB_KEYS:
+            return fuse.fuse_tensor(name, ta, tb, la, lb, options)
+        if vocab is None:
+            return pad_vocab_rows(fuse.fuse_tensor(name, ta, tb, la, lb, options), vocab_rows)
+        return pad_vocab_rows(vocab.rows(ta, tb, lambda x, y: fuse.fuse_tensor(name, x, y, la, lb, options),
+                                         lambda rows, side: fuse.one_row(name, rows, side, la, lb)), vocab_rows)
 
-    with removed_on_failure(out, MEGATRON_OUTPUTS):
-        for s in range(pp):
-            layers = stage_layer_range(llm, parallel, s)
-            tensors = {k: None if m is None else global_layer_name(k, layers) for k, m in stage_state_keys(llm, parallel, s)}
-            # (shape, dtype) of every rank's tensors, from the same code run on meta tensors
-            shapes = {k: None if g is None else fused(g, meta=True) for k, g in tensors.items()}
-            layouts = [{k: None if t is None else (tuple(split_tensor(t, split_kind(k), tp, r).shape), target)
-                        for k, t in shapes.items()} for r in range(tp)]
-            with ExitStack() as files:  # on an error, the files are closed and the error is not masked
-                writers = [files.enter_context(RankFileWriter(rank_file(out, record.iteration, r, s, pp), layouts[r],
-                                                              extra)) for r in range(tp)]
-                for k, g in tensors.items():
-                    if g is not None:
-                        full = fused(g)
-                        for r, writer in enumerate(writers):
-                            writer.write(k, [split_tensor(full, split_kind(k), tp, r)])
-        copy_side_files(a.dir / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    with removed_on_failure(out, outputs):
+        write_rank_files(out, record, parallel, target, fused)
+        if vocab is None:
+            copy_side_files(a.dir / TOKENIZER_DIR, out / TOKENIZER_DIR)
+            if (a.dir / MERGED_TOKENIZER_DIR).is_dir():
+                shutil.copytree(a.dir / MERGED_TOKENIZER_DIR, out / MERGED_TOKENIZER_DIR)
+        else:
+            vocab.save(out, a.dir / TOKENIZER_DIR)
         record.save(out)
         write_tracker(out, record.iteration)  # last: a directory without it is an unfinished fusion
     return out
@@ -247,13 +311,15 @@ def fuse_checkpoints(model_a: Union[str, Path], model_b: Union[str, Path], out_d
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-visualchat fuse", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", required=True, choices=sorted(FUSE_METHODS))
+    p.add_argument("--method", required=True, choices=sorted([*FUSE_METHODS, *TOWER_METHODS]))
     p.add_argument("--model-a", required=True, help="converted checkpoint (hf-to-megatron output)")
     p.add_argument("--model-b", required=True, help="converted checkpoint (hf-to-megatron output)")
     p.add_argument("--out", required=True)
     p.add_argument("--alpha", type=float, default=FuseOptions.alpha, help="uniform: the weight of model A")
     p.add_argument("--variant", choices=WIDTH_VARIANTS, default=FuseOptions.variant,
                    help="width: off-diagonal blocks zero (copy) or the parents' mean (average)")
+    p.add_argument("--cross-interval", type=int, default=FuseOptions.cross_interval,
+                   help="cross: a bi-directional cross-attention link after every N-th layer of the towers")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--pp-layers", type=int_list, default=None)
@@ -265,15 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.method != "uniform" and args.alpha != FuseOptions.alpha:
-        raise SystemExit("--alpha weighs the parents of a uniform fusion; it has no meaning for --method width")
+        raise SystemExit(f"--alpha weighs the parents of a uniform fusion; it means nothing to --method {args.method}")
     if args.method != "width" and args.variant != FuseOptions.variant:
         raise SystemExit("--variant chooses the off-diagonal blocks of a width fusion; give it with --method width")
+    if args.method != "cross" and args.cross_interval != FuseOptions.cross_interval:
+        raise SystemExit("--cross-interval spaces the cross links of a cross fusion; give it with --method cross")
     try:
         out = fuse_checkpoints(args.model_a, args.model_b, args.out, method=args.method,
-                               options=FuseOptions(alpha=args.alpha, variant=args.variant), tp=args.tp, pp=args.pp,
+                               options=FuseOptions(alpha=args.alpha, variant=args.variant,
+                                                   cross_interval=args.cross_interval), tp=args.tp, pp=args.pp,
                                pp_layers=args.pp_layers, dtype=args.dtype, force=args.force)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"fuse: {e}") from None
+    if args.method in TOWER_METHODS:
+        print(f"fused ({args.method}) -> {out}: two towers; train with --model-preset from-llm-load --llm-load {out}")
+        return 0
     record = ConversionRecord.load(out)
-    print(f"fused ({args.method}) -> {out}: {record.llm}; train it with --model-preset from-llm-load --llm-load {out}")
+    tokenizer = out / MERGED_TOKENIZER_DIR
+    print(f"fused ({args.method}) -> {out}: {record.llm}; train it with --model-preset from-llm-load --llm-load {out}"
+          + (f" --tokenizer-dir {tokenizer}" if tokenizer.is_dir() else ""))
     return 0

@@ -43,7 +43,8 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def checksummed_dir(out_dir: Union[str, Path]) -> Iterator[Path]:
-    """Fill the yielded temp directory beside ``out_dir``; on success its files are checksummed and it replaces
+    """Fill the yielded temp directory beside ``out_dir``; on success its files (in subdirectories too) are
+    checksummed and it replaces
     ``out_dir`` whole (``replace_dir``), on failure it is removed and ``out_dir`` is untouched."""
     final = Path(os.path.abspath(out_dir))
     tmp = final.with_name(f".tmp_{final.name}")
@@ -51,7 +52,7 @@ def checksummed_dir(out_dir: Union[str, Path]) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        write_checksums(tmp, {f.name: sha256(f) for f in tmp.iterdir()})
+        write_checksums(tmp, {f.relative_to(tmp).as_posix(): sha256(f) for f in tmp.rglob("*") if f.is_file()})
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from .cm3 import OBJECTIVES
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -25,6 +27,7 @@ class DatasetSpec:
     weight: float | None = None
     concat: int = 1  # concatenate 1..concat records per sample
     options: dict = field(default_factory=dict)  # reader keyword options (images=..., max_rounds=...)
+    objective: str = "next_token"  # applied to each encoded sample of this dataset (cm3.OBJECTIVES)
 
     def __post_init__(self):
         if not (self.num_samples == "all" or (isinstance(self.num_samples, int) and self.num_samples >= 0)):
@@ -33,6 +36,8 @@ class DatasetSpec:
             raise ValueError(f"{self.path}: weight={self.weight!r} must be > 0")
         if not (isinstance(self.concat, int) and self.concat >= 1):
             raise ValueError(f"{self.path}: concat={self.concat!r} must be an int >= 1")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"{self.path}: objective={self.objective!r} is not one of {list(OBJECTIVES)}")
 
     @classmethod
     def coerce(cls, spec: "DatasetSpec | dict") -> "DatasetSpec":
@@ -45,7 +50,10 @@ class DatasetSpec:
         return cls(**spec)
 
 
-SPEC_SYNTAX = "FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]] or a JSON list of dataset specs"
+SPEC_SYNTAX = ("FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]][:KEY=VALUE...] (KEY: weight, num_samples, concat, "
+               "objective) or a JSON list of dataset specs")
+_FIELD_TYPES = {"weight": float, "num_samples": lambda v: v if v == "all" else int(v), "concat": int,
+                "objective": str}
 
 
 def parse_spec_text(text: str) -> list[dict]:
@@ -57,15 +65,23 @@ def parse_spec_text(text: str) -> list[dict]:
                 raise ValueError("the JSON list must hold objects")
             return specs
         parts = text.split(":")
-        if not 2 <= len(parts) <= 5 or not parts[0] or not parts[1]:
-            raise ValueError(f"{len(parts)} ':'-separated field(s)")
+        named = [p for p in parts[2:] if "=" in p]
+        positional = parts[:len(parts) - len(named)]
+        if parts[len(positional):] != named:
+            raise ValueError("KEY=VALUE fields must come after the positional ones")
+        if not 2 <= len(positional) <= 5 or not parts[0] or not parts[1]:
+            raise ValueError(f"{len(positional)} positional ':'-separated field(s)")
         spec: dict = {"format": parts[0], "path": parts[1]}
-        if len(parts) > 2 and parts[2]:
-            spec["weight"] = float(parts[2])
-        if len(parts) > 3 and parts[3]:
-            spec["num_samples"] = parts[3] if parts[3] == "all" else int(parts[3])
-        if len(parts) > 4 and parts[4]:
-            spec["concat"] = int(parts[4])
+        for key, value in zip(("weight", "num_samples", "concat"), positional[2:]):
+            if value:
+                spec[key] = _FIELD_TYPES[key](value)
+        for item in named:
+            key, value = item.split("=", 1)
+            if key not in _FIELD_TYPES:
+                raise ValueError(f"unknown key {key!r} (one of {sorted(_FIELD_TYPES)})")
+            if key in spec:
+                raise ValueError(f"{key} is given twice")
+            spec[key] = _FIELD_TYPES[key](value)
         return [spec]
     except ValueError as e:  # json.JSONDecodeError is one too
         raise ValueError(f"dataset spec {text!r}: {e}; expected {SPEC_SYNTAX}") from None

@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from ..model.image_tokenizer.vocab import NUM_CM3_SENTINELS
 from .encode import IGNORE_INDEX
 
 OBJECTIVES = ("next_token", "cm3")
@@ -64,6 +65,14 @@ def cm3_transform(ids: list[int], labels: list[int], *, sentinel_ids, fixed_ids,
         tail_labels += [sentinel] + labels[a:b]
         pos = b
     return out_ids + ids[pos:] + tail_ids, out_labels + labels[pos:] + tail_labels
+
+
+def objective_extra_tokens(objective: str) -> int:
+    """At most how many positions ``objective`` adds to a sample (CM3: a sentinel in place + one before the moved
+    span, for each of at most ``NUM_CM3_SENTINELS`` spans)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+    return 2 * NUM_CM3_SENTINELS if objective == "cm3" else 0
 
 
 def apply_objective(objective: str, ids: list[int], labels: list[int], *, tokenizer, seed: int):

@@ -1,8 +1,9 @@
 """Images written inline as VQ codes (the output side of interleaved image-and-text generation).
 
-An answer may contain an image the model must *write*: the reader (``ImageOutputJsonlSource``) puts a marker in the
-answer text, and ``CodeWritingTokenizer`` turns it into ``<boi> code tokens <eoi>`` (ids from ``ImageCodeVocab``)
-while the rest of the text is tokenized as usual. Input images in the same record still go through the vision
+An answer may contain an image the model must *write*: the reader (``ImageOutputJsonlSource``, the
+``jsonl_images_out`` format in ``formats/images_out.py``) puts a marker in the answer text, and
+``CodeWritingTokenizer`` turns it into ``<boi> code tokens <eoi>`` (ids from ``ImageCodeVocab``) while the rest of
+the text is tokenized as usual. Input images in the same record still go through the vision
 encoder as ``<image>`` placeholders. Images are tokenized once: ``ImageCodeCache`` keeps each image's codes on disk
 under ``sha256(image bytes)`` + the image tokenizer's ``fingerprint`` (config and weights), so editing a file or
 retraining the tokenizer never reuses stale codes.
@@ -13,31 +14,15 @@ The code tokens are ordinary vocabulary ids, so the collator marks them modality
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
-import re
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .formats.base import fail
-from .formats.rounds_jsonl import RoundsJsonlSource
+from .formats.images_out import OUTPUT_PATTERN, ImageOutputJsonlSource, output_image_marker, output_images
 from .images import FileImage, decode_image
-
-_OUT_OPEN, _OUT_SEP, _OUT_CLOSE = "\ue002", "\ue003", "\ue004"  # private-use characters: never in real text
-_OUT_PATTERN = re.compile(f"{_OUT_OPEN}([^{_OUT_SEP}]*){_OUT_SEP}([^{_OUT_CLOSE}]*){_OUT_CLOSE}")
-_LOCAL_OUTPUT = re.compile(r"OUTPUT#(\d+)")
-
-
-def output_image_marker(image: FileImage) -> str:
-    """The marker for an image the answer writes as codes (an image file, confined to ``root`` when set)."""
-    return f"{_OUT_OPEN}{image.path}{_OUT_SEP}{image.root or ''}{_OUT_CLOSE}"
-
-
-def output_images(text: str) -> list[FileImage]:
-    return [FileImage(m.group(1), m.group(2) or None) for m in _OUT_PATTERN.finditer(text)]
 
 
 class ImageCodeCache:
@@ -70,6 +55,17 @@ class ImageCodeCache:
         return codes.tolist()
 
 
+def with_image_vocab_of(tokenizer, image_tokenizer, where: str = "the tokenizer"):
+    """``tokenizer`` with the image vocabulary of ``image_tokenizer``'s codebook: one saved without an image
+    vocabulary gains it; one saved with another codebook size is refused (its code ids would mean other codes)."""
+    saved, size = tokenizer.image_codebook_size, image_tokenizer.codebook_size
+    if saved and saved != size:
+        raise ValueError(f"{where} has an image vocabulary of {saved} codes but image tokenizer "
+                         f"{image_tokenizer.name!r} has a codebook of {size}: use that image tokenizer, or a "
+                         f"tokenizer saved without an image vocabulary")
+    return tokenizer if saved else tokenizer.with_image_vocab(size)
+
+
 class CodeWritingTokenizer:
     """A VisualChatTokenizer whose ``encode`` writes output-image markers as ``<boi> codes <eoi>``; everything else
     (ids, decode, vocab size) is the wrapped tokenizer's. Pass it to ``ConversationEncoder`` in place of the
@@ -92,35 +88,12 @@ class CodeWritingTokenizer:
 
     def encode(self, text: str) -> list[int]:
         ids, start = [], 0
-        for m in _OUT_PATTERN.finditer(text):
+        for m in OUTPUT_PATTERN.finditer(text):
             ids += self._tokenizer.encode(text[start:m.start()])
             ids += self._tokenizer.image_vocab.image_tokens(self.cache.codes(FileImage(m.group(1), m.group(2) or None)))
             start = m.end()
         return ids + self._tokenizer.encode(text[start:])
 
 
-class ImageOutputJsonlSource(RoundsJsonlSource):
-    """The ``jsonl`` format plus images in answers: a round may list ``"output_images": ["gen/a.png", ...]`` (files
-    under ``images``) and its answer names each exactly once as ``OUTPUT#k`` (1-based within the round)."""
-
-    def _rounds(self, index, rng):
-        rounds = super()._rounds(index, rng)
-        record = self.records.get(index)
-        out = []
-        for number, (r, item) in enumerate(zip(rounds, record["rounds"]), start=1):
-            listed = item.get("output_images", [])
-            if not isinstance(listed, list) or not all(isinstance(e, str) and e for e in listed):
-                fail("malformed_conversation", f"round {number}: 'output_images' must be a list of file paths")
-            refs = [int(m.group(1)) for m in _LOCAL_OUTPUT.finditer(r.answer)]
-            if sorted(refs) != list(range(1, len(listed) + 1)):
-                fail("malformed_conversation", f"round {number}: the answer must name each of its {len(listed)} "
-                     f"output image(s) once as OUTPUT#1..OUTPUT#{len(listed)}, found {refs}")
-            images = [self.store.ref(e) for e in listed]
-            if not all(isinstance(i, FileImage) for i in images):
-                fail("malformed_conversation", f"round {number}: output images must be files, not a base64 store")
-            answer = _LOCAL_OUTPUT.sub(lambda m: output_image_marker(images[int(m.group(1)) - 1]), r.answer)
-            out.append(dataclasses.replace(r, answer=answer))
-        return out
-
-
-__all__ = ["CodeWritingTokenizer", "ImageCodeCache", "ImageOutputJsonlSource", "output_image_marker", "output_images"]
+__all__ = ["CodeWritingTokenizer", "ImageCodeCache", "ImageOutputJsonlSource", "output_image_marker", "output_images",
+           "with_image_vocab_of"]

@@ -1,10 +1,11 @@
 """A synthetic grounding set a tiny model can learn on CPU: find a shape from a short description, name a boxed one.
 
 Each square image shows 2-4 shapes (circle / square / triangle, red / green / blue, small / big; ``num_shapes``
-fixes the count, 1 makes a pure localisation task), each in its own cell of a 3 x 3 grid (``grid``; 2 x 2 is
-easier still), optionally shifted by up to ``jitter`` pixels, no two with the same colour and shape. One
-shape per image is the target, described by a unique expression: "the red circle", "the small red circle", or
-"the red circle left of the blue square" (relations from the cells). Its box is the exact extent of its drawn pixels.
+fixes the count, 1 makes a pure localisation task; ``sizes`` limits the sizes: with one, fewer distinct boxes),
+each in its own cell of a 3 x 3 grid (``grid``; 2 x 2 is easier still), optionally shifted by up to ``jitter``
+pixels, no two with the same colour and shape. One shape per image is the target, described by a unique
+expression: "the red circle", "the small red circle", or "the red circle left of the blue square" (relations from
+the cells). Its box is the exact extent of its drawn pixels.
 
 Files (``refexp`` format, see ``data/formats/grounding.py``; train on them with the dataset option
 ``tasks="rec,reg"`` for both directions):
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from ..argtypes import name_list
 from .boxes import BOX_FORMATS, get_box_format
 from .conversation import Conversation, Round
 from .formats.grounding import REC_PROMPT, REG_PROMPT
@@ -69,8 +71,8 @@ def _relation(a: PlacedShape, b: PlacedShape) -> str:
     return "above" if a.cell[1] < b.cell[1] else "below"
 
 
-def _scene(rng: random.Random, image_size: int, jitter: int, grid: int,
-           num_shapes: int | None = None) -> tuple[list[PlacedShape], int, str]:
+def _scene(rng: random.Random, image_size: int, jitter: int, grid: int, num_shapes: int | None = None,
+           sizes: tuple[str, ...] = SIZES) -> tuple[list[PlacedShape], int, str]:
     """Shapes, the target's index and its expression (``num_shapes`` None: 2-4)."""
     cell = image_size // grid
     radii = {"small": max(2, image_size // 16), "big": max(3, image_size // 8)}
@@ -80,11 +82,12 @@ def _scene(rng: random.Random, image_size: int, jitter: int, grid: int,
     shapes = []
     for (colour, shape), (i, j) in zip(kinds, cells):
         centre = tuple(k * cell + cell // 2 + rng.randint(-jitter, jitter) for k in (i, j))
-        size = rng.choice(SIZES)
+        size = rng.choice(sizes)
         shapes.append(PlacedShape(colour, shape, size, (i, j), centre, radii[size]))
     target = rng.randrange(len(shapes))
     t = shapes[target]
-    style = rng.choice(("plain", "size", "relation") if len(shapes) > 1 else ("plain", "size"))
+    styles = ("plain",) + ("size",) * (len(sizes) > 1) + ("relation",) * (len(shapes) > 1)
+    style = rng.choice(styles)
     if style == "plain":
         expression = f"the {t.colour} {t.shape}"
     elif style == "size":
@@ -114,12 +117,12 @@ class GroundingDataset:
 
 
 def _write_split(out_dir: str, split: str, count: int, seed: int, image_size: int, jitter: int,
-                 grid: int, num_shapes: int | None) -> list[dict]:
+                 grid: int, num_shapes: int | None, sizes: tuple[str, ...]) -> list[dict]:
     records = []
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
         for i in range(count):
             shapes, target, expression = _scene(random.Random(f"{seed}:grounding:{split}:{i}"), image_size, jitter,
-                                                grid, num_shapes)
+                                                grid, num_shapes, sizes)
             name = f"images/{split}-{i:06d}.png"
             render(shapes, image_size).save(os.path.join(out_dir, name), format="PNG")
             boxes = [s.bbox(image_size) for s in shapes]
@@ -135,22 +138,27 @@ def _write_split(out_dir: str, split: str, count: int, seed: int, image_size: in
 
 def generate_grounding_dataset(out_dir: str, num_samples: int, seed: int = 0, image_size: int = 64,
                                num_eval: int | None = None, jitter: int = 0, box_format: str = "norm3",
-                               grid: int = 3, num_shapes: int | None = None) -> GroundingDataset:
+                               grid: int = 3, num_shapes: int | None = None,
+                               sizes: tuple[str, ...] = SIZES) -> GroundingDataset:
     """Write ``train.jsonl`` (num_samples), ``eval.jsonl`` (default num_samples // 10, at least 1), ``eval_rec.json``
     (eval-replay file; the model's boxes read as ``box_format``) and ``images/`` under ``out_dir``. ``num_shapes``
-    (default: 2-4 per image) fixes the shapes per image."""
+    (default: 2-4 per image) fixes the shapes per image; ``sizes`` the sizes drawn (with one, no expression names
+    a size)."""
     if num_samples < 1 or image_size < 32 or not 2 <= grid <= image_size // 16:
         raise ValueError(f"need num_samples >= 1, image_size >= 32 and 2 <= grid <= image_size // 16, got "
                          f"{num_samples=} {image_size=} {grid=}")
     if num_shapes is not None and not 1 <= num_shapes <= min(len(COLOURS) * len(SHAPES), grid * grid):
         raise ValueError(f"num_shapes={num_shapes} must be between 1 and the grid's {grid * grid} cells")
+    sizes = tuple(sizes)
+    if not sizes or not set(sizes) <= set(SIZES) or len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes={list(sizes)} must be distinct names out of {list(SIZES)}")
     get_box_format(box_format)
     num_eval = max(1, num_samples // 10) if num_eval is None else num_eval
     if num_eval < 0:
         raise ValueError(f"num_eval={num_eval} must be >= 0")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    _write_split(out_dir, "train", num_samples, seed, image_size, jitter, grid, num_shapes)
-    evals = _write_split(out_dir, "eval", num_eval, seed, image_size, jitter, grid, num_shapes)
+    _write_split(out_dir, "train", num_samples, seed, image_size, jitter, grid, num_shapes, sizes)
+    evals = _write_split(out_dir, "eval", num_eval, seed, image_size, jitter, grid, num_shapes, sizes)
     replay = {r["id"]: [{"question": REC_PROMPT.format(expression=r["expression"]), "images": [r["image"]],
                          "answer": r["shapes"][r["target"]]["bbox"], "box_text": box_format}] for r in evals}
     replay_path = os.path.join(out_dir, "eval_rec.json")
@@ -184,12 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", type=int, default=3, help="shapes sit in the cells of a grid x grid layout")
     parser.add_argument("--num-shapes", type=int, default=None,
                         help="shapes per image (default 2-4; 1: the target alone, a pure localisation task)")
+    parser.add_argument("--sizes", type=name_list, default=SIZES,
+                        help="comma list of shape sizes drawn (default small,big; one size: fewer distinct boxes)")
     parser.add_argument("--box-format", default="norm3", choices=sorted(BOX_FORMATS),
                         help="how eval_rec.json reads the model's boxes (train with the same)")
     args = parser.parse_args(argv)
     out = generate_grounding_dataset(args.out, args.num_samples, args.seed, args.image_size, args.num_eval,
                                      args.jitter, args.box_format, args.grid,
-                                     args.num_shapes)
+                                     args.num_shapes, args.sizes)
     print(f"wrote {out.num_train} train / {out.num_eval} eval grounding samples to {out.train_path}, "
           f"{out.eval_path}; eval-replay file {out.replay_path}; images in {out.image_dir}")
 

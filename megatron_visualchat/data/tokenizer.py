@@ -69,6 +69,16 @@ class VisualChatTokenizer:
             raise ValueError(f"{meta_path}: sp_model_sha256 does not match {os.path.join(directory, MODEL_FILE)}")
         return tok
 
+    def with_image_vocab(self, image_codebook_size: int) -> "VisualChatTokenizer":
+        """This tokenizer with an image vocabulary of ``image_codebook_size`` codes (the same text ids)."""
+        return VisualChatTokenizer(self._proto, image_codebook_size)
+
+    @property
+    def new_token_ids(self) -> tuple[int, ...]:
+        """Ids the base LLM does not know: the added tokens, then the image vocabulary (breaks, codes, sentinels)."""
+        first = self.sp_vocab_size
+        return tuple(range(first, self.vocab_size))
+
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, MODEL_FILE), "wb") as f:

@@ -7,6 +7,8 @@ training would skip. The report is the skip table by reason and the first offend
 index, message). Exit status: 0 when every record is usable, 1 when any was skipped, 2 when the data cannot be
 opened at all (a missing or unparsable ``.json`` file, a bad spec). Grounding data writes its boxes in the frame of
 ``--vision-encoder`` (with ``--vision-encoder-options``), so boxes the encoder's crop cuts show up as ``box_outside``.
+Data that writes images as codes (``jsonl_images_out``) and ``objective=cm3`` need ``--image-tokenizer`` as in
+training.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from .boxes import BOX_OUTSIDE, BoxRenderer
 from .dataset import VisualChatDataset
 from .encode import ConversationEncoder
 from .formats import open_source
+from .image_codes import CodeWritingTokenizer, ImageCodeCache, with_image_vocab_of
 from .tokenizer import VisualChatTokenizer
 
 
 def scan(specs: list[DatasetSpec | dict], tokenizer, *, template: str = "dsvc", seq_length: int = 4096,
          max_images: int = 8, image_tokens: int = 256, image_root: Optional[str] = None,
-         image_preprocess=None, box_outside: str = "clip") -> VisualChatDataset:
+         image_preprocess=None, box_outside: str = "clip", image_codes=None) -> VisualChatDataset:
     """Build every record once; the returned dataset's ``skip_log`` holds the counts and first offenders.
     ``image_root`` is the image store of every spec that names none (its ``images`` option); grounding boxes are
-    placed with ``image_preprocess`` (the encoder's) and ``box_outside`` as training does."""
+    placed with ``image_preprocess`` (the encoder's) and ``box_outside`` as training does; ``image_codes`` (an
+    ``ImageCodeCache``) writes output images as codes."""
     specs = [DatasetSpec.coerce(s) for s in specs]
     if image_root is not None:
         specs = [s if "images" in s.options else replace(s, options={**s.options, "images": image_root})
@@ -41,11 +45,14 @@ def scan(specs: list[DatasetSpec | dict], tokenizer, *, template: str = "dsvc", 
     items = [(d, np.asarray([r])) for d, source in enumerate(sources) for r in range(len(source))]
     if not items:
         raise ValueError(f"no records in {[s.path for s in specs]}")
+    if image_codes is not None:
+        tokenizer = CodeWritingTokenizer(tokenizer, image_codes)
     encoder = ConversationEncoder(tokenizer, template, max_seq_len=seq_length, num_image_tokens=image_tokens,
                                   max_images=max_images)
     boxes = None if image_preprocess is None else BoxRenderer(image_preprocess, encoder.template.box_format,
                                                               box_outside)
-    dataset = VisualChatDataset(sources, BlendPlan.from_items(items), encoder, boxes=boxes)
+    dataset = VisualChatDataset(sources, BlendPlan.from_items(items), encoder, boxes=boxes,
+                                objectives=[s.objective for s in specs])
     for item in range(len(dataset)):
         dataset.build_item(item)
     return dataset
@@ -90,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-encoder-options", type=json.loads, default={},
                    help='grounding data: as training\'s flag, e.g. {"resize": "pad"}')
     p.add_argument("--box-outside", choices=BOX_OUTSIDE, default="clip", help="as training's flag")
+    p.add_argument("--image-tokenizer", default=None, help="NAME:DIR, as training's flag (images written as codes)")
+    p.add_argument("--image-code-cache-dir", default="runs/data/image_codes", help="as training's flag")
     return p
 
 
@@ -104,9 +113,16 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] = Non
 
             options = EncoderOptions.parse(args.vision_encoder, args.vision_encoder_options)
             preprocess = get_encoder_spec(args.vision_encoder).image_preprocess(options)
-        dataset = scan(specs, VisualChatTokenizer.load(args.tokenizer_dir), template=args.template,
-                       seq_length=args.seq_length, max_images=args.max_images, image_tokens=args.image_tokens,
-                       image_root=args.image_root, image_preprocess=preprocess, box_outside=args.box_outside)
+        tokenizer, image_codes = VisualChatTokenizer.load(args.tokenizer_dir), None
+        if args.image_tokenizer is not None:
+            from megatron_visualchat.model.image_tokenizer import load_image_tokenizer, parse_image_tokenizer_spec
+
+            image_tokenizer = load_image_tokenizer(*parse_image_tokenizer_spec(args.image_tokenizer))
+            tokenizer = with_image_vocab_of(tokenizer, image_tokenizer, f"--tokenizer-dir {args.tokenizer_dir}")
+            image_codes = ImageCodeCache(args.image_code_cache_dir, image_tokenizer)
+        dataset = scan(specs, tokenizer, template=args.template, seq_length=args.seq_length,
+                       max_images=args.max_images, image_tokens=args.image_tokens, image_root=args.image_root,
+                       image_preprocess=preprocess, box_outside=args.box_outside, image_codes=image_codes)
     except (ValueError, OSError) as e:
         out.write(f"validate-data: cannot read the data: {e}\n")
         return 2

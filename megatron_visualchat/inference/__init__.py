@@ -9,9 +9,10 @@ tensor-parallel chat/eval CLIs, evaluation replay and scoring.
 
 from megatron_visualchat.checkpoint.chat import load_chat_checkpoint, save_chat_checkpoint
 
-from .checkpoint import build_chat_model
+from .checkpoint import build_chat_model, load_chat_image_tokenizer
 from .eval_replay import load_eval_file, replay, summarize, summary_table, write_csv, write_jsonl
 from .generation import Generation, generate, run_chunk
+from .image_generation import ImageAnswers, ImageRule
 from .kv_cache import ContextFullError, KVCache
 from .prompt import Chunk, Segment, answer_segment, round_segment
 from .sampling import SamplingParams, sample_tokens
@@ -19,9 +20,10 @@ from .scoring import SCORERS, Score, ScoreContext, get_scorer, normalize_answer,
 from .session import ChatInputError, ChatSession, ChatTurn, load_chat_image
 
 __all__ = [
-    "SCORERS", "ChatInputError", "ChatSession", "ChatTurn", "Chunk", "ContextFullError", "Generation", "KVCache",
-    "SamplingParams", "Score", "ScoreContext", "Segment", "answer_segment", "build_chat_model", "generate",
-    "get_scorer", "load_chat_checkpoint", "load_chat_image", "load_eval_file", "normalize_answer", "parse_box",
+    "SCORERS", "ChatInputError", "ChatSession", "ChatTurn", "Chunk", "ContextFullError", "Generation", "ImageAnswers",
+    "ImageRule", "KVCache", "SamplingParams", "Score", "ScoreContext", "Segment", "answer_segment",
+    "build_chat_model", "generate", "get_scorer", "load_chat_checkpoint", "load_chat_image",
+    "load_chat_image_tokenizer", "load_eval_file", "normalize_answer", "parse_box",
     "replay", "round_segment", "run_chunk", "sample_tokens", "save_chat_checkpoint", "summarize", "summary_table",
     "write_csv", "write_jsonl",
 ]

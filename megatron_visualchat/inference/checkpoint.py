@@ -11,8 +11,14 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_visualchat.checkpoint.adapters import read_adapters
-from megatron_visualchat.checkpoint.chat import load_chat_checkpoint, read_chat_config
-from megatron_visualchat.config import ConfigError, ParallelConfig
+from megatron_visualchat.checkpoint.chat import (
+    DAMAGED_FIX,
+    load_chat_checkpoint,
+    read_chat_config,
+    read_image_tokenizer_record,
+)
+from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.config import JAM_CROSS, ConfigError, ParallelConfig
 from megatron_visualchat.data import VisualChatTokenizer
 from megatron_visualchat.model.lora import fold_adapters
 from megatron_visualchat.model.visualchat import VisualChatModel
@@ -23,10 +29,10 @@ def build_chat_model(load_dir: Union[str, Path], *, dtype: torch.dtype = torch.f
     """(model, tokenizer, cfg) for chat at the current TP size, weights from ``load_dir``; model in eval mode.
     ``adapters``: an ``--export-adapters`` directory folded into those weights (``checkpoint/adapters.py``)."""
     cfg = read_chat_config(load_dir)
-    if cfg.attention.mode == "cross":
-        raise ConfigError(f"{load_dir} was trained with attention mode 'cross', which chat, serve and eval-replay do "
-                          "not support yet (no KV-cached cross-attention decode); measure it with the trainer's "
-                          "held-out accuracy (--eval-interval)")
+    if cfg.fusion.kind == JAM_CROSS:
+        raise ConfigError(f"{load_dir} is a jam-cross model (fuse --method cross): chat, serve and eval-replay do not "
+                          "support it yet (no KV-cached decode of its two towers and cross links); measure it with "
+                          "the trainer's eval loss and held-out accuracy (--eval-interval)")
     # The encoder's weights come from the checkpoint file, not from the path it was trained from.
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, encoder_weights=None),
                       parallel=ParallelConfig(tp=ps.get_tensor_model_parallel_world_size())).validate()
@@ -37,3 +43,28 @@ def build_chat_model(load_dir: Union[str, Path], *, dtype: torch.dtype = torch.f
     if device is not None:
         model = model.to(device)
     return model.eval(), VisualChatTokenizer.load(str(load_dir)), cfg
+
+
+def load_chat_image_tokenizer(load_dir: Union[str, Path], spec: Optional[tuple[str, str]] = None):
+    """The image tokenizer that turns the model's image codes into pictures: ``spec`` = (name, directory) when
+    given (``--image-tokenizer``), else the copy the chat checkpoint holds (its fingerprint checked); None when
+    neither (the model then writes text only, ``image_generation.banned_image_tokens``)."""
+    from megatron_visualchat.model.image_tokenizer import load_image_tokenizer
+
+    if spec is not None:
+        try:
+            return load_image_tokenizer(*spec)
+        except ValueError as e:
+            raise ConfigError(f"--image-tokenizer {spec[0]}:{spec[1]}: {e}") from None
+    record = read_image_tokenizer_record(load_dir)
+    if record is None:
+        return None
+    name, directory, fingerprint = record
+    try:
+        loaded = load_image_tokenizer(name, str(directory))
+    except ValueError as e:
+        raise CheckpointError(f"{load_dir}: its image tokenizer cannot be read ({e}): {DAMAGED_FIX}") from None
+    if loaded.fingerprint != fingerprint:
+        raise CheckpointError(f"{directory}: the image tokenizer's files do not match the fingerprint recorded in "
+                              f"{load_dir}: {DAMAGED_FIX}")
+    return loaded

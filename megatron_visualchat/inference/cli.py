@@ -29,7 +29,7 @@ from megatron_visualchat.config import DTYPES, ConfigError, ParallelConfig
 from megatron_visualchat.data.errors import SampleError
 from megatron_visualchat.data.files import FileRefused
 from megatron_visualchat.data.templates import TEMPLATES
-from megatron_visualchat.inference.checkpoint import build_chat_model
+from megatron_visualchat.inference.checkpoint import build_chat_model, load_chat_image_tokenizer
 from megatron_visualchat.inference.eval_replay import (
     load_eval_file,
     replay,
@@ -41,6 +41,7 @@ from megatron_visualchat.inference.eval_replay import (
 from megatron_visualchat.inference.repl import ChatRepl
 from megatron_visualchat.inference.sampling import SamplingParams
 from megatron_visualchat.inference.session import DEFAULT_MAX_IMAGES, ChatInputError, ChatSession
+from megatron_visualchat.model.image_tokenizer.registry import parse_image_tokenizer_spec
 
 
 class InputRefused(ValueError):
@@ -74,6 +75,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance on image codes, for a model that draws (1 = off; "
+                             "docs/image_generation.md)")
+    parser.add_argument("--image-tokenizer", default=None, metavar="NAME:DIR",
+                        help="image tokenizer that draws the model's image codes (e.g. tiny_vqvae:runs/vq); default: "
+                             "the one the chat checkpoint holds")
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="per conversation")
     parser.add_argument("--max-length", type=int, default=None,
                         help="context window in positions, at most the model's max_position_embeddings (the "
@@ -120,13 +127,15 @@ def build_session(args) -> tuple[ChatSession, object]:
     warnings.filterwarnings("ignore", module=r"(megatron\.core|torch\.distributed)(\.|$)")
     with _checking_input():
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed)
+                                  top_p=args.top_p, seed=args.seed, cfg_scale=args.cfg_scale)
+        spec = None if args.image_tokenizer is None else parse_image_tokenizer_spec(args.image_tokenizer)
     _check_max_length(args)
     info = init_inference_parallel(args.tp, args.seed)
     model, tokenizer, _ = build_chat_model(args.load, dtype=DTYPES[args.dtype], device=info.device,
                                            adapters=args.adapters)
     session = ChatSession(model, tokenizer, template=args.template, sampling=sampling, max_images=args.max_images,
-                          max_length=args.max_length, reuse_cache=not args.recompute)
+                          max_length=args.max_length, reuse_cache=not args.recompute,
+                          image_tokenizer=load_chat_image_tokenizer(args.load, spec))
     return session, info
 
 
@@ -158,7 +167,7 @@ def _describe(session: ChatSession, args) -> str:
 
 def _chat(args, stdin: Optional[TextIO], stdout: Optional[TextIO]) -> int:
     session, info = build_session(args)
-    repl = ChatRepl(session, is_main=info.rank == 0, stdin=stdin, stdout=stdout)
+    repl = ChatRepl(session, is_main=info.rank == 0, stdin=stdin, stdout=stdout, image_dir=args.image_out_dir)
     repl.say(_describe(session, args))
     if info.rank == 0 and args.image:
         repl.attach(args.image)
@@ -171,8 +180,11 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None
     parser = argparse.ArgumentParser(prog="megatron-visualchat chat", description="multi-round, multi-image chat")
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], help="image(s) attached to the first message")
+    parser.add_argument("--image-out-dir", default="chat-images",
+                        help="where the images a drawing model writes go, as PNG files named in the transcript")
     args = parser.parse_args(argv)
-    return run_with_exit_status(parser.prog, [args.load, args.adapters, *args.image], lambda: _chat(args, stdin, stdout))
+    return run_with_exit_status(parser.prog, [args.load, args.adapters, args.image_out_dir, *args.image],
+                                lambda: _chat(args, stdin, stdout))
 
 
 def _eval(args, out: TextIO) -> int:
@@ -186,11 +198,12 @@ def _eval(args, out: TextIO) -> int:
 
     def progress(rec):
         if main_rank:
-            status = f"error: {rec.error}" if rec.error else f"{rec.new_tokens} tokens, {rec.seconds:.2f} s"
+            drawn = f", {len(rec.output_images)} image(s)" if rec.output_images else ""
+            status = f"error: {rec.error}" if rec.error else f"{rec.new_tokens} tokens{drawn}, {rec.seconds:.2f} s"
             out.write(f"{rec.conversation} round {rec.round}: {status}\n")
             out.flush()
 
-    records = replay(session, conversations, on_record=progress)
+    records = replay(session, conversations, on_record=progress, image_dir=out_dir / "images" if main_rank else None)
     if main_rank:
         write_csv(records, out_dir / "results.csv")
         write_jsonl(records, out_dir / "results.jsonl")
@@ -207,7 +220,8 @@ def eval_main(argv: Optional[Sequence[str]] = None, *, stdout: Optional[TextIO] 
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="evaluation JSON (DS-VisualChat eval_data format)")
     parser.add_argument("--image-root", default=None, help="base for relative image paths (default: cwd)")
-    parser.add_argument("--out-dir", required=True, help="writes results.csv, results.jsonl, summary.md")
+    parser.add_argument("--out-dir", required=True,
+                        help="writes results.csv, results.jsonl, summary.md (and images/ for a drawing model)")
     args = parser.parse_args(argv)
     return run_with_exit_status(parser.prog, [args.load, args.adapters, args.data, args.image_root, args.out_dir],
                         lambda: _eval(args, stdout or sys.stdout))

@@ -19,7 +19,8 @@ elsewhere, a FIFO or a device is an error naming the file, conversation and roun
 
 Each conversation starts from a cleared session, and each round's answer (the model's own) stays in the history,
 as in DS-VisualChat's ``batch_generation.py``. A round whose input fails (missing image, context full) is written
-with its error and the conversation goes on.
+with its error and the conversation goes on. Images a drawing model writes (``OUTPUT#k`` in the answer) are saved
+as ``<image_dir>/<conversation number>-<name>-r<round>-<k>.png`` and listed in the record's ``output_images``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -151,6 +153,7 @@ class RoundRecord:
     new_tokens: int = 0
     seconds: float = 0.0
     error: str = ""
+    output_images: list[str] = field(default_factory=list)  # PNG files of the images the answer drew, in order
 
 
 def _score(session: ChatSession, rnd: EvalRound, answer: str):
@@ -165,10 +168,23 @@ def _score(session: ChatSession, rnd: EvalRound, answer: str):
     return get_scorer(rnd.scorer)(answer, rnd.reference, ScoreContext(size, rnd.box_format, rnd.box_text, geometry))
 
 
+def _save_images(turn, image_dir: Optional[Path], stem: str) -> list[str]:
+    if not turn.images or image_dir is None:
+        return []
+    image_dir.mkdir(parents=True, exist_ok=True)
+    paths = [image_dir / f"{stem}-{k}.png" for k in range(1, len(turn.images) + 1)]
+    for picture, path in zip(turn.images, paths):
+        picture.save(path, format="PNG")
+    return [str(p) for p in paths]
+
+
 def replay(session: ChatSession, conversations: list[EvalConversation],
-           on_record: Optional[Callable[[RoundRecord], None]] = None) -> list[RoundRecord]:
+           on_record: Optional[Callable[[RoundRecord], None]] = None,
+           image_dir: Union[str, Path, None] = None) -> list[RoundRecord]:
+    """``image_dir``: where drawn images are written (none are without it: tensor-parallel ranks but the first)."""
+    image_dir = None if image_dir is None else Path(image_dir)
     records = []
-    for conv in conversations:
+    for number, conv in enumerate(conversations, start=1):
         session.clear()
         for index, rnd in enumerate(conv.rounds, start=1):
             rec = RoundRecord(conv.name, index, list(rnd.images), [], rnd.question, reference=rnd.reference,
@@ -181,6 +197,8 @@ def replay(session: ChatSession, conversations: list[EvalConversation],
                 rec.answer, rec.image_numbers = turn.answer, turn.new_image_numbers
                 rec.finish_reason, rec.prompt_positions = turn.finish_reason, turn.prompt_positions
                 rec.new_tokens, rec.seconds = len(turn.token_ids), turn.seconds
+                safe_name = re.sub(r"[^\w.-]+", "_", conv.name)[:64]
+                rec.output_images = _save_images(turn, image_dir, f"{number:03d}-{safe_name}-r{index}")
                 if rnd.scorer:
                     try:
                         score = _score(session, rnd, turn.answer)
@@ -195,7 +213,8 @@ def replay(session: ChatSession, conversations: list[EvalConversation],
 
 
 CSV_COLUMNS = ("conversation", "round", "images", "image_numbers", "question", "answer", "reference", "scorer",
-               "score", "score_detail", "iou", "finish_reason", "prompt_positions", "new_tokens", "seconds", "error")
+               "score", "score_detail", "iou", "finish_reason", "prompt_positions", "new_tokens", "seconds", "error",
+               "output_images")
 
 
 def _cell(value) -> str:
@@ -242,18 +261,20 @@ def summarize(records: list[RoundRecord]) -> list[dict]:
             score=(100.0 * sum(scored) / len(recs)) if name != "all rounds" and recs else None,
             mean_iou=(sum(r.iou or 0.0 for r in recs) / len(recs)) if name == "box_iou" and recs else None,
             seconds_per_round=sum(r.seconds for r in ok) / len(ok) if ok else None,
-            new_tokens=sum(r.new_tokens for r in ok)))
+            new_tokens=sum(r.new_tokens for r in ok), images=sum(len(r.output_images) for r in ok)))
     return rows
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Markdown table of ``summarize``'s rows. A round that failed counts as a miss in its scorer's score."""
-    lines = ["| scorer | rounds | errors | score (%) | s / round | new tokens | mean IoU |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table of ``summarize``'s rows. A round that failed counts as a miss in its scorer's score. An
+    ``images`` column (images drawn) appears when a model drew any."""
+    drew = any(r.get("images") for r in rows)
+    lines = ["| scorer | rounds | errors | score (%) | s / round | new tokens | mean IoU |" + " images |" * drew,
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * drew]
     for r in rows:
         score = "" if r["score"] is None else f"{r['score']:.1f}"
         secs = "" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.3f}"
         iou = "" if r.get("mean_iou") is None else f"{r['mean_iou']:.3f}"
         lines.append(f"| {r['scorer']} | {r['rounds']} | {r['errors']} | {score} | {secs} | {r['new_tokens']} "
-                     f"| {iou} |")
+                     f"| {iou} |" + f" {r['images']} |" * drew)
     return "\n".join(lines) + "\n"

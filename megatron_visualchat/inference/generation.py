@@ -9,6 +9,10 @@ modality-split projections see the right layout at every step. Logits are gather
 
 Rows of a batch are left-padded; pads are never attended to. RoPE is relative, so a left-padded row scores the
 same as alone (up to float rounding).
+
+A model with an image vocabulary draws through ``images`` (an ``ImageRule``): ``image_generation.py`` holds the
+rule (which tokens each step may choose, ``<boi>`` -> exactly ``num_codes`` codes -> ``<eoi>``) and classifier-free
+guidance; this loop only asks it to guide, mask and advance.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_visualchat.inference.image_generation import ImageRule, ImageSteps
 from megatron_visualchat.inference.kv_cache import KVCache
 from megatron_visualchat.inference.prompt import Chunk
 from megatron_visualchat.inference.sampling import SamplingParams, restrict_vocabulary, sample_tokens
@@ -71,27 +76,43 @@ TokenCallback = Callable[[int, list[Optional[int]]], None]
 
 def generate(model, cache: KVCache, prompt: Chunk, params: SamplingParams, *, eos_id: int, vocab_size: int,
              pad_id: int, banned_ids: Sequence[int] = (), generator: Optional[torch.Generator] = None,
-             on_tokens: Optional[TokenCallback] = None, keep_logits: bool = False) -> Generation:
+             on_tokens: Optional[TokenCallback] = None, keep_logits: bool = False,
+             images: Optional[ImageRule] = None) -> Generation:
     """Prefill ``prompt`` into ``cache`` and decode up to ``params.max_new_tokens`` tokens per row.
 
     A row stops at EOS (when ``params.stop_on_eos``); finished rows are fed their EOS once and then pads. The last
     sampled token of each row is not fed (nothing would read its K/V yet): it is returned in ``pending`` so the
-    next round starts with it. Stops early with "context_full" when the cache has no room for the next token."""
+    next round starts with it. Stops early with "context_full" when the cache has no room for the next token.
+    ``images``: the model draws images as codes (``image_generation.py``); ``step_logits`` are then the guided,
+    masked scores each token was chosen from."""
     check_inference_layout()
     if model.training:
         raise ValueError("generate() needs the model in eval mode (model.eval()): megatron-core only uses the KV "
                          "cache's inference path outside training")
+    if images is None and params.cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale={params.cfg_scale}: classifier-free guidance applies to image codes, and this "
+                         "generation draws no images (a model with an image vocabulary and its image tokenizer "
+                         "does); use cfg_scale 1")
     b = prompt.tokens.shape[0]
     out = Generation([[] for _ in range(b)], [FINISH_LENGTH] * b, [[] for _ in range(b)])
     done = [False] * b
+    drawing = None if images is None else ImageSteps(
+        images, lambda c, chunk: run_chunk(model, c, chunk), b, params.cfg_scale, vocab_size, pad_id,
+        prompt.tokens.device)
     with torch.no_grad():
         logits = run_chunk(model, cache, prompt)
         for step in range(params.max_new_tokens):
+            if drawing is not None:
+                logits = drawing.guide(logits)
             scores = restrict_vocabulary(logits, vocab_size, banned_ids)
+            if drawing is not None:
+                scores = drawing.restrict(scores, min(params.max_new_tokens - 1 - step, cache.room))
             if keep_logits:
                 out.step_logits.append(scores.cpu())
             chosen = _broadcast_from_tp_rank0(sample_tokens(scores, params, generator)).tolist()
             fresh = [None if done[r] else chosen[r] for r in range(b)]
+            if drawing is not None:
+                drawing.advance(fresh)
             for r, token in enumerate(fresh):
                 if token is None:
                     continue

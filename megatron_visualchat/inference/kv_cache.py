@@ -10,12 +10,18 @@ round follows ``image_rows`` (docs/design/mmca.md, "Decode with a KV cache").
 
 Positions are only committed after a forward succeeded (``commit``); rolling back a failed round is just moving
 the offset back (``truncate``): K/V beyond the offset are dead and get overwritten.
+
+Cross mode (docs/design/cross_attention.md) keeps a third part next to them: the cross layers' image K/V
+(``model.cross_attention.ImageKeyValues``, carried on the inference context where those layers find it), each
+image projected once, in the forward that holds its marker. Which images a row holds is read from the codes, so
+rollback and reset need nothing more there.
 """
 
 from __future__ import annotations
 
 import torch
 
+from megatron_visualchat.model.cross_attention import ImageKeyValues
 from megatron_visualchat.model.token_codes import MODALITY_PAD, NO_IMAGE, pack_token_codes
 
 
@@ -31,6 +37,7 @@ class KVCache:
             raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
         self.batch_size, self.max_length = batch_size, max_length
         self.context = StaticInferenceContext(batch_size, max_length)
+        self.context.image_key_values = ImageKeyValues()  # cross mode's layers read and extend it
         self.modality = torch.full((batch_size, max_length), MODALITY_PAD, dtype=torch.long, device=device)
         self.image_id = torch.full((batch_size, max_length), NO_IMAGE, dtype=torch.long, device=device)
 

@@ -11,6 +11,8 @@ Input lines are commands or messages:
     anything else            a message: sent with the attached images, the answer streams back
 
 Rank 0 reads image files itself and sends their bytes with the message, so other ranks need no access to them.
+Images a drawing model writes (``OUTPUT#k`` in its answer) are saved by rank 0 as PNG files in ``image_dir``,
+named ``<start time>-r<round>-<k>.png`` and listed after the answer.
 Attached images stay attached until a message carrying them is answered: a refused message (too long for the
 context, say) keeps them for the retry.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
+from pathlib import Path
 from typing import Callable, Optional, TextIO
 
 from megatron_visualchat.inference.session import ChatInputError, ChatSession, load_chat_image
@@ -45,8 +49,10 @@ def broadcast_from_rank0(obj):
 
 class ChatRepl:
     def __init__(self, session: ChatSession, *, is_main: bool, stdin: Optional[TextIO] = None,
-                 stdout: Optional[TextIO] = None, sync: Callable = broadcast_from_rank0):
+                 stdout: Optional[TextIO] = None, sync: Callable = broadcast_from_rank0,
+                 image_dir: str | Path = "chat-images"):
         self.session, self.is_main, self.sync = session, is_main, sync
+        self.image_dir, self.started = Path(image_dir), time.strftime("%Y%m%d-%H%M%S")
         self.stdin, self.stdout = stdin or sys.stdin, stdout or sys.stdout
         self.attached: list[tuple[str, bytes]] = []  # rank 0 only: images waiting for the next message
 
@@ -162,7 +168,18 @@ class ChatRepl:
                     self.say(f"  still attached: {self._queued()} (sent with your next message; /detach drops them)")
                 continue
             self.attached = []
+            self._save_images(turn)
             stop = {"eos": "", "length": " · cut at max new tokens",
                     "context_full": " · context full: /clear to continue"}[turn.finish_reason]
             self.say(f"\n  [round {s.rounds} · {len(turn.token_ids)} tokens · {turn.seconds:.2f} s "
                      f"(first token {turn.seconds_to_first_token:.2f} s) · context {s.length}/{s.max_length}{stop}]")
+
+    def _save_images(self, turn) -> None:
+        """Rank 0 writes the answer's drawn images and names them (``OUTPUT#k`` in the answer is image k)."""
+        if not (self.is_main and turn.images):
+            return
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        for k, picture in enumerate(turn.images, start=1):
+            path = self.image_dir / f"{self.started}-r{self.session.rounds}-{k}.png"
+            picture.save(path, format="PNG")
+            self.say(f"\n  OUTPUT#{k}: {path}", end="")

@@ -17,13 +17,15 @@ import torch
 class SamplingParams:
     """``temperature=0`` is greedy decoding (DS-VisualChat's chat default); ``top_p<1`` keeps the smallest set of
     tokens whose probability mass reaches ``top_p``. ``stop_on_eos=False`` always generates ``max_new_tokens``
-    (for latency benchmarks)."""
+    (for latency benchmarks). ``cfg_scale`` is classifier-free guidance on image-code steps (1 = off; a model that
+    draws images only, ``image_generation.py``)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 1234
     stop_on_eos: bool = True
+    cfg_scale: float = 1.0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -32,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if not self.cfg_scale >= 0.0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 (1 = no classifier-free guidance)")
 
     @property
     def greedy(self) -> bool:

@@ -30,9 +30,9 @@ from megatron_visualchat.inference.kv_cache import KVCache
 
 
 def cache_bytes(cache: KVCache) -> int:
-    """Bytes held by a cache: megatron-core's per-layer K/V buffers plus the token codes."""
+    """Bytes held by a cache: megatron-core's per-layer K/V buffers, cross layers' image K/V, the token codes."""
     tensors = [t for kv in cache.context.key_value_memory_dict.values() for t in kv]
-    tensors += [cache.modality, cache.image_id]
+    tensors += cache.context.image_key_values.tensors() + [cache.modality, cache.image_id]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -44,6 +44,7 @@ def fork_cache(source: KVCache, keep: int) -> KVCache:
         for copy, t in zip(copies, kv):
             copy[:keep].copy_(t[:keep])  # megatron-core's layout: [positions, batch, heads, head dim]
         cache.context.key_value_memory_dict[layer] = copies
+    cache.context.image_key_values = source.context.image_key_values.copy()  # cross mode: the images' K/V
     cache.modality[:, :keep] = source.modality[:, :keep]
     cache.image_id[:, :keep] = source.image_id[:, :keep]
     cache.commit(keep)

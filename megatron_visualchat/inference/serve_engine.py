@@ -1,7 +1,9 @@
 """Chat-completion requests on the model: the conversation is rendered exactly as ``ChatSession`` renders it
 (``round_segment`` per user turn, ``answer_segment`` for each answer the client sends back), the longest cached
 prefix is reused (``serve_cache.py``), only the rest is prefilled, and the answer is generated with the request's
-sampling options, streamed as text and cut at the first stop string.
+sampling options, streamed as text and cut at the first stop string. A model that draws (an image vocabulary and
+an image tokenizer, ``image_generation.py``) returns its images as PNG bytes with their place in the text; each
+is handed to ``on_image`` when its ``<eoi>`` is generated.
 
 A request's cache therefore holds exactly what a cold request for the same conversation computes: an answer whose
 tokens do not re-tokenise the same, or that the client shortened, simply ends the reusable prefix there. The
@@ -21,11 +23,13 @@ import torch
 
 from megatron_visualchat.data.templates import Template, get_template
 from megatron_visualchat.inference.generation import FINISH_EOS, generate
+from megatron_visualchat.inference.image_generation import ImageAnswers, banned_image_tokens, png_bytes
 from megatron_visualchat.inference.prompt import Chunk, Segment, answer_segment, round_segment
 from megatron_visualchat.inference.sampling import SamplingParams
 from megatron_visualchat.inference.serve_cache import ConversationPool, Placement
 from megatron_visualchat.inference.serve_request import ChatRequest, RequestError
 from megatron_visualchat.inference.session import TextStream
+from megatron_visualchat.model.cross_attention import positions_per_image
 from megatron_visualchat.model.token_codes import MODALITY_IMAGE
 
 
@@ -85,6 +89,7 @@ class Completion:
     prompt_tokens: int  # positions of the prompt, images included
     cached_tokens: int  # of which reused from a cached conversation
     completion_tokens: int
+    images: tuple[tuple[int, bytes], ...] = ()  # drawn images: (their place in ``text``, PNG bytes), in order
 
 
 def _system_prompt(text: str, default: str) -> str:
@@ -95,13 +100,16 @@ def _system_prompt(text: str, default: str) -> str:
 
 class ServeEngine:
     def __init__(self, model, tokenizer, pool: ConversationPool, *, template: str | Template = "dsvc",
-                 defaults: SamplingParams = SamplingParams()):
+                 defaults: SamplingParams = SamplingParams(), image_tokenizer=None):
         self.model, self.tokenizer, self.pool, self.defaults = model.eval(), tokenizer, pool, defaults
+        self.drawing = None if image_tokenizer is None else ImageAnswers(tokenizer, image_tokenizer)
         self.template = get_template(template)
         self.device = next(model.parameters()).device
-        self.num_image_tokens = model.vision.num_output_tokens
+        # positions per image: its spliced embeddings, or one marker in cross mode
+        self.num_image_tokens = positions_per_image(model.cfg.attention.mode, model.vision.num_output_tokens)
         self.image_transform = model.vision.image_transform
-        self.banned = (tokenizer.image_id, tokenizer.pad_id, tokenizer.bos_id)  # as ChatSession
+        self.banned = (tokenizer.image_id, tokenizer.pad_id, tokenizer.bos_id,
+                       *banned_image_tokens(tokenizer, image_tokenizer))  # as ChatSession
         self.generator = torch.Generator(device=self.device)
 
     @property
@@ -110,6 +118,10 @@ class ServeEngine:
 
     def prepare(self, request: ChatRequest) -> Prompt:
         """Render the request's conversation; a prompt longer than the context is a RequestError."""
+        if request.cfg_scale not in (None, 1.0) and self.drawing is None:
+            raise RequestError(f"cfg_scale={request.cfg_scale}: classifier-free guidance applies to image codes and "
+                               "this model draws no images; leave it out", param="cfg_scale",
+                               code="unsupported_parameter")
         template = self.template
         if request.system is not None:
             template = dataclasses.replace(template, system=_system_prompt(request.system, template.system))
@@ -149,30 +161,39 @@ class ServeEngine:
             max_new_tokens=request.max_tokens or d.max_new_tokens,
             temperature=d.temperature if request.temperature is None else request.temperature,
             top_p=d.top_p if request.top_p is None else request.top_p,
-            seed=d.seed if request.seed is None else request.seed)
+            seed=d.seed if request.seed is None else request.seed,
+            cfg_scale=d.cfg_scale if request.cfg_scale is None else request.cfg_scale)
         return Job(placement, prompt.keys, suffix, sampling, request.stop)
 
-    def run(self, job: Job, on_text: Optional[Callable[[str], None]] = None) -> Completion:
-        """Prefill ``job.suffix`` into its cache and generate; the text streams through ``on_text``."""
+    def run(self, job: Job, on_text: Optional[Callable[[str], None]] = None,
+            on_image: Optional[Callable[[bytes], None]] = None) -> Completion:
+        """Prefill ``job.suffix`` into its cache and generate; the text streams through ``on_text``, each drawn
+        image (PNG bytes) through ``on_image``."""
         eos, keep = self.tokenizer.eos_id, job.placement.keep
         cache = self.pool.place(job.placement)
         tokens: list[int] = []
+        images: list[tuple[int, bytes]] = []
         text = StopText(job.stop, on_text)
-        stream = TextStream(self.tokenizer, text.feed, eos)
+        # images take no room in the text: they come back as image parts
+        stream = TextStream(self.tokenizer if self.drawing is None else self.drawing.decoder(""), text.feed, eos)
 
         def on_tokens(step, new):
             if new[0] is not None:
                 tokens.append(new[0])
             stream(step, new)
+            if self.drawing is not None and new[0] == self.drawing.rule.vocab.eoi_id:
+                images.append((len(text.text), png_bytes(self.drawing.draw(self.drawing.codes(tokens)[-1:])[0])))
+                if on_image is not None:
+                    on_image(images[-1][1])
 
         self.generator.manual_seed(job.sampling.seed)
         try:
             gen = generate(self.model, cache, Chunk.from_segments([job.suffix], self.tokenizer.pad_id, self.device),
                            job.sampling, eos_id=eos, vocab_size=self.tokenizer.vocab_size,
                            pad_id=self.tokenizer.pad_id, banned_ids=self.banned, generator=self.generator,
-                           on_tokens=on_tokens)
+                           on_tokens=on_tokens, images=None if self.drawing is None else self.drawing.rule)
             finish = "stop" if gen.finish[0] == FINISH_EOS else "length"
-            stream.finish(self.tokenizer.decode([t for t in tokens if t != eos]))
+            stream.finish(stream.tokenizer.decode([t for t in tokens if t != eos]))
         except StopSequence:
             finish = "stop"
         except BaseException:
@@ -181,4 +202,6 @@ class ServeEngine:
             raise
         text.finish()
         self.pool.record(job.placement.slot, (job.keys + tokens)[:cache.length], len(job.keys))
-        return Completion(text.text, finish, len(job.keys), keep, sum(t != eos for t in tokens))
+        # an image drawn after a stop string began is cut off with it
+        return Completion(text.text, finish, len(job.keys), keep, sum(t != eos for t in tokens),
+                          tuple((at, png) for at, png in images if at <= len(text.text)))

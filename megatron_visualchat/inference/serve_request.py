@@ -67,6 +67,7 @@ class ChatCompletionBody(BaseModel):
     n: Optional[int] = None
     stop: Any = None
     seed: Optional[int] = None
+    cfg_scale: Optional[float] = Field(None, ge=0.0)  # not OpenAI's: classifier-free guidance for drawn images
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    cfg_scale: Optional[float] = None
 
 
 def _read_image_url(url: str, where: str, limits: ImageLimits) -> bytes:
@@ -222,7 +224,8 @@ def parse_request(body: ChatCompletionBody, limits: ImageLimits) -> ChatRequest:
                 raise RequestError(f"{where}: an assistant message must answer a user message", param=f"{where}.role")
             texts, urls = _texts_and_image_urls(content, f"{where}.content")
             if urls:
-                raise RequestError(f"{where}: an assistant message cannot carry images", param=f"{where}.content")
+                raise RequestError(f"{where}: an assistant message cannot carry images (images a model drew are "
+                                   "not read back): send its text parts only", param=f"{where}.content")
             rounds.append((question, image_urls, "\n".join(texts), start))
             question, image_urls, start = [], [], ""
         else:
@@ -246,4 +249,4 @@ def parse_request(body: ChatCompletionBody, limits: ImageLimits) -> ChatRequest:
     return ChatRequest(
         rounds=tuple(loaded), system=system, max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop, stream=body.stream,
-        include_usage=bool(body.stream and options and options.include_usage))
+        include_usage=bool(body.stream and options and options.include_usage), cfg_scale=body.cfg_scale)

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class Ticket:
-    """One queued request as the HTTP side sees it: events ``("text", str)``, then ``("done", Completion)`` or
-    ``("error", Exception)``, arrive on ``events`` in the server's event loop."""
+    """One queued request as the HTTP side sees it: events ``("text", str)`` and ``("image", PNG bytes)``, then
+    ``("done", Completion)`` or ``("error", Exception)``, arrive on ``events`` in the server's event loop."""
 
     def __init__(self, prompt: Prompt, request: ChatRequest, loop: asyncio.AbstractEventLoop, stream: bool):
         self.prompt, self.request, self.loop, self.stream = prompt, request, loop, stream
@@ -85,7 +85,8 @@ class ModelWorker:
             try:
                 job = self.engine.plan(ticket.prompt, ticket.request)
                 self.broadcast(job)
-                completion = self.engine.run(job, (lambda t: ticket.put("text", t)) if ticket.stream else None)
+                completion = self.engine.run(job, (lambda t: ticket.put("text", t)) if ticket.stream else None,
+                                             (lambda png: ticket.put("image", png)) if ticket.stream else None)
             except Exception as e:  # noqa: BLE001 - reported to this request's client; the server goes on
                 log.exception("request failed")
                 ticket.put("error", e)

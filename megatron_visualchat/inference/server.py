@@ -8,12 +8,14 @@ The protocol is stateless, so each request carries the whole conversation; the s
 prefix of it (same tokens, same images by content hash) and prefills only the rest (``serve_cache.py``). One model
 worker runs requests in turn (``serve_worker.py``); under ``torchrun`` with ``--tp N`` rank 0 serves HTTP and
 drives the other ranks. Bad input is an OpenAI-style error, ``{"error": {message, type, param, code}}``, with a 4xx
-status, and the server goes on.
+status, and the server goes on. A model that draws answers with image parts (PNG ``data:`` URLs) in the message
+content; streamed, each image is a chunk of its own whose ``delta.content`` is a list holding that image part.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import time
@@ -47,6 +49,25 @@ def _usage(c: Completion) -> dict:
             "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
 
 
+def image_part(png: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+
+
+def message_content(c: Completion):
+    """The answer's text, or, when the model drew, its text and image parts in order."""
+    if not c.images:
+        return c.text
+    parts, at = [], 0
+    for offset, png in c.images:
+        if offset > at:
+            parts.append({"type": "text", "text": c.text[at:offset]})
+        parts.append(image_part(png))
+        at = offset
+    if at < len(c.text):
+        parts.append({"type": "text", "text": c.text[at:]})
+    return parts
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -71,6 +92,9 @@ async def _stream(ticket: Ticket, head: dict) -> AsyncIterator[str]:
             kind, value = await ticket.events.get()
             if kind == "text":
                 yield chunk({"content": value})
+                continue
+            if kind == "image":
+                yield chunk({"content": [image_part(value)]})
                 continue
             if kind == "done":
                 yield chunk({}, value.finish_reason)
@@ -154,7 +178,7 @@ def create_app(engine: ServeEngine, worker: ModelWorker, *, model_name: str, lim
         finally:
             ticket.cancelled.set()
         return {**head, "object": "chat.completion", "usage": _usage(c),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": message_content(c)},
                              "finish_reason": c.finish_reason, "logprobs": None}]}
 
     return app
@@ -173,7 +197,8 @@ def _serve(args) -> int:
     budget = 0 if args.recompute else int(args.kv_cache_gib * 2**30)
     engine = ServeEngine(session.model, session.tokenizer,
                          ConversationPool(session.max_length, info.device, budget), template=session.template,
-                         defaults=session.sampling)
+                         defaults=session.sampling,
+                         image_tokenizer=None if session.drawing is None else session.drawing.image_tokenizer)
     if info.rank != 0:
         follow(engine)
         return 0

@@ -25,9 +25,11 @@ from megatron_visualchat.data.errors import SampleError
 from megatron_visualchat.data.images import FileImage, decode_image, to_rgb
 from megatron_visualchat.data.templates import Template, get_template
 from megatron_visualchat.inference.generation import FINISH_EOS, Generation, check_inference_layout, generate, run_chunk
+from megatron_visualchat.inference.image_generation import ImageAnswers, banned_image_tokens
 from megatron_visualchat.inference.kv_cache import KVCache
 from megatron_visualchat.inference.prompt import Chunk, Segment, answer_segment, round_segment
 from megatron_visualchat.inference.sampling import SamplingParams
+from megatron_visualchat.model.cross_attention import positions_per_image
 
 DEFAULT_MAX_IMAGES = 8  # DS-VisualChat's limit per conversation
 
@@ -72,6 +74,8 @@ class ChatTurn:
     seconds_to_first_token: float
     seconds: float
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [1, V] per generated token, if asked
+    images: list[Image.Image] = field(default_factory=list)  # drawn images, OUTPUT#k in the answer (k = 1, 2, ..)
+    image_codes: list[list[int]] = field(default_factory=list)  # their codes
 
 
 class TextStream:
@@ -101,7 +105,10 @@ class TextStream:
 class ChatSession:
     def __init__(self, model, tokenizer, *, template: Union[str, Template] = "dsvc",
                  sampling: SamplingParams = SamplingParams(), max_images: int = DEFAULT_MAX_IMAGES,
-                 max_length: Optional[int] = None, reuse_cache: bool = True, image_transform=None):
+                 max_length: Optional[int] = None, reuse_cache: bool = True, image_transform=None,
+                 image_tokenizer=None):
+        """``image_tokenizer``: decodes the image codes a model with an image vocabulary writes
+        (``image_generation.py``); without it such a model answers in text only."""
         check_inference_layout()
         llm = model.cfg.llm
         if tokenizer.vocab_size > llm.vocab_size:
@@ -117,10 +124,17 @@ class ChatSession:
         self.sampling, self.max_images, self.reuse_cache = sampling, max_images, reuse_cache
         self.device = next(model.parameters()).device
         self.cache = KVCache(1, max_length, self.device)
-        self.num_image_tokens = model.vision.num_output_tokens
+        # positions per image: its spliced embeddings, or one marker in cross mode
+        self.num_image_tokens = positions_per_image(model.cfg.attention.mode, model.vision.num_output_tokens)
         self.image_transform = image_transform or model.vision.image_transform
         # Never generated: an <image> placeholder, padding, or a BOS inside an answer.
-        self._banned = (tokenizer.image_id, tokenizer.pad_id, tokenizer.bos_id)
+        self._banned = (tokenizer.image_id, tokenizer.pad_id, tokenizer.bos_id,
+                        *banned_image_tokens(tokenizer, image_tokenizer))
+        self.drawing = None if image_tokenizer is None else ImageAnswers(tokenizer, image_tokenizer)
+        if self.drawing is None and sampling.cfg_scale != 1.0:
+            raise ConfigError(f"cfg_scale={sampling.cfg_scale} (--cfg-scale) guides image codes, but this model "
+                              "draws no images (it needs an image vocabulary and an image tokenizer); use 1")
+        self._text = tokenizer if self.drawing is None else self.drawing.decoder()
         self.generator = torch.Generator(device=self.device)
         self.clear()
 
@@ -185,7 +199,7 @@ class ChatSession:
         segment, loaded = self._new_round(question, images)
         chunk, rollback = self._chunk(segment)
         eos = self.tokenizer.eos_id
-        stream = TextStream(self.tokenizer, on_text, eos) if on_text else None
+        stream = TextStream(self._text, on_text, eos) if on_text else None
         first_token_at: list[float] = []
 
         def on_tokens(step, tokens):
@@ -199,13 +213,15 @@ class ChatSession:
             gen: Generation = generate(
                 self.model, self.cache, chunk, self.sampling, eos_id=eos, vocab_size=self.tokenizer.vocab_size,
                 pad_id=self.tokenizer.pad_id, banned_ids=self._banned, generator=self.generator,
-                on_tokens=on_tokens, keep_logits=keep_logits)
+                on_tokens=on_tokens, keep_logits=keep_logits,
+                images=None if self.drawing is None else self.drawing.rule)
         except BaseException:
             self.cache.truncate(rollback)
             raise
         seconds = time.perf_counter() - start
         tokens, pending = gen.tokens[0], gen.pending[0]
-        answer = self.tokenizer.decode([t for t in tokens if t != eos])
+        answer = self._text.decode([t for t in tokens if t != eos])
+        codes = [] if self.drawing is None else self.drawing.codes(tokens)
         if stream:
             stream.finish(answer)
         prompt_end = len(self.history) + len(segment) - 1
@@ -221,7 +237,8 @@ class ChatSession:
             finish_reason=gen.finish[0], new_image_numbers=list(range(first, first + len(loaded))),
             prompt_positions=chunk.length, prompt_end=prompt_end,
             seconds_to_first_token=(first_token_at[0] if first_token_at else time.perf_counter()) - start,
-            seconds=seconds, step_logits=gen.step_logits)
+            seconds=seconds, step_logits=gen.step_logits,
+            images=self.drawing.draw(codes) if codes else [], image_codes=codes)
 
     def add_exchange(self, question: str, answer: str, images: Sequence[ImageSource] = ()) -> None:
         """Put a known round (question, images, answer) into the history without generating: few-shot examples,

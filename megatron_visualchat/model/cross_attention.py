@@ -5,7 +5,8 @@ image embeddings are spliced in. Every ``cross_attention_interval``-th decoder l
 attention slots (``model/layer_specs.py``): an RMSNorm, ``GatedCrossAttention`` over the image embeddings, and the
 stock bias-dropout-add. The image embeddings ride as one ``[M*T, b, h]`` context tensor (``image_context``: each
 row's images in order, padded to the batch's most images per row M, T tokens each); ``cross_plan`` derives from the
-token codes which of them each position may see and where each image was shown. docs/design/cross_attention.md
+token codes which of them each position may see and where each image was shown. In KV-cached decode
+``ImageKeyValues`` keeps each cross layer's image K/V, projected once per image. docs/design/cross_attention.md
 has the design and why.
 """
 
@@ -47,10 +48,23 @@ class GatedCrossAttention(CrossAttention):
         super().__init__(config, submodules, layer_number, **kwargs)
         self.gate = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
 
-    def forward(self, hidden_states, attention_mask, key_value_states=None, **kwargs):
-        output, bias = super().forward(hidden_states, attention_mask, key_value_states=key_value_states, **kwargs)
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None, **kwargs):
+        if inference_context is None:
+            output, bias = super().forward(hidden_states, attention_mask, key_value_states=key_value_states,
+                                           **kwargs)
+        else:  # KV-cached decode: megatron-core's own cache would take this layer number's self-attention slot
+            output, bias = self._decode(hidden_states, attention_mask, key_value_states, inference_context)
         scale = torch.tanh(self.gate).to(output.dtype)
         return output * scale, None if bias is None else bias * scale
+
+    def _decode(self, hidden_states, codes, new_context, inference_context):
+        """``Attention.forward`` without megatron-core's KV bookkeeping: K/V of the images new in this forward
+        (``new_context``) are projected once and added to ``ImageKeyValues``; the queries attend over all of a
+        row's images shown so far."""
+        query, key, value = self.get_query_key_value_tensors(hidden_states, new_context)
+        key, value = image_key_values(inference_context).extend(self.layer_number, key, value)
+        core = self.core_attention(query, key, value, codes, attn_mask_type=self.attn_mask_type)
+        return self.linear_proj(core)
 
 
 class CrossCoreAttention(MegatronModule):
@@ -155,11 +169,92 @@ def cross_plan(packed_codes: torch.Tensor, context_length: int, sq: int) -> Cros
                            (packed_codes,))
 
 
-def check_images_match_codes(packed_codes: torch.Tensor, num_images: Optional[torch.Tensor]) -> None:
-    """Every row's markers number its images 0 .. num_images - 1 (one host sync)."""
+def check_images_match_codes(packed_codes: torch.Tensor, num_images: Optional[torch.Tensor],
+                              new_positions: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's markers number its images 0 .. num_images - 1 (one host sync). In KV-cached decode the codes
+    cover the cache too and ``num_images`` counts the images of the last ``new_positions`` only: their markers
+    must number them after the row's earlier images. Returns per row (images before, images after)."""
     image_id = unpack_token_codes(packed_codes).image_id
-    counts = image_id.max(dim=1).values + 1
-    expected = torch.zeros_like(counts) if num_images is None else num_images.to(counts.device)
-    if not torch.equal(counts, expected):
-        raise ValueError(f"the token codes show {counts.tolist()} image(s) per row but num_images is "
-                         f"{expected.tolist()}: every image needs exactly one marker in its row")
+    length = image_id.shape[1]
+    after = _images_shown(image_id)
+    before = _images_shown(image_id[:, :length - new_positions]) if new_positions else torch.zeros_like(after)
+    expected = torch.zeros_like(after) if num_images is None else num_images.to(after.device)
+    if not torch.equal(after - before, expected):
+        where = "" if not new_positions else f" among the last {new_positions} positions"
+        raise ValueError(f"the token codes show {(after - before).tolist()} image(s) per row{where} but "
+                         f"num_images is {expected.tolist()}: every image needs exactly one marker in its row")
+    return before, after
+
+
+def _images_shown(image_id: torch.Tensor) -> torch.Tensor:
+    """Per row, how many images ``image_id [b, L]`` shows (ids count up from 0 in order of appearance)."""
+    if image_id.shape[1] == 0:
+        return torch.zeros(image_id.shape[0], dtype=image_id.dtype, device=image_id.device)
+    return image_id.max(dim=1).values + 1
+
+
+def image_key_values(inference_context) -> "ImageKeyValues":
+    """The cross layers' image K/V that ``inference.kv_cache.KVCache`` attaches to its inference context."""
+    store = getattr(inference_context, "image_key_values", None)
+    if not isinstance(store, ImageKeyValues):
+        raise ValueError("cross-attention decode needs an inference context that carries the images' K/V "
+                         "(image_key_values): use inference.kv_cache.KVCache's context")
+    return store
+
+
+class ImageKeyValues:
+    """The cross layers' share of the KV cache: per cross layer, the K/V of every image shown so far, projected
+    once per image (in the forward that holds its marker) and laid out as ``image_context`` lays out the context:
+    buffers ``[capacity, T, b, np, hn]`` read as ``[M*T, b, np, hn]``, row r's image m at slots m*T .. m*T+T-1
+    (capacity doubles when a row shows more images). Which images a row holds is read from the cache's token
+    codes, so a rollback needs nothing here: a forgotten image's slots are overwritten by the next image that takes
+    its number, and the mask never lets a position see an image its row has not shown (buffers start at zero, so
+    unshown slots are finite and their weight is exactly 0)."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._placement = None  # for the forward in flight: (rows, index in it, image number, most new, shown)
+
+    def stage(self, packed_codes: torch.Tensor, new_positions: int, num_images: Optional[torch.Tensor]) -> None:
+        """Before a forward over the last ``new_positions`` of ``packed_codes``: where its new images go."""
+        before, after = check_images_match_codes(packed_codes, num_images, new_positions)
+        new = after - before
+        rows = torch.repeat_interleave(torch.arange(len(new), device=new.device), new)
+        index = torch.arange(len(rows), device=new.device) - (torch.cumsum(new, 0) - new)[rows]
+        self._placement = (rows, index, before[rows] + index, int(new.max()) if len(new) else 0,
+                           int(after.max()) if len(after) else 0)
+
+    def extend(self, layer_number: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new images' ``key`` / ``value`` ([M_new*T, b, np, hn], as ``image_context``) of one layer;
+        return the K/V of every image shown so far, ``[M*T, b, np, hn]``."""
+        if self._placement is None:
+            raise RuntimeError("ImageKeyValues.stage must run before the cross layers of a forward")
+        rows, index, number, most_new, shown = self._placement
+        stored = self.layers.get(layer_number)
+        if shown == 0:
+            return key, value
+        if most_new == 0 and stored is None:
+            raise ValueError(f"cross layer {layer_number} has no K/V of the {shown} image(s) the cache shows: the "
+                             "image K/V must travel with the cache (ImageKeyValues.copy when a cache is copied)")
+        t = key.shape[0] // most_new if most_new else stored[0].shape[1]
+        out = []
+        for new, buffer in zip((key, value), stored or (None, None)):
+            new = new.reshape(most_new, t, *new.shape[1:])  # [M_new, T, b, np, hn]
+            if buffer is None or buffer.shape[0] < shown:
+                grown = new.new_zeros(max(shown, 2 * (0 if buffer is None else buffer.shape[0])), *new.shape[1:])
+                if buffer is not None:
+                    grown[:buffer.shape[0]] = buffer
+                buffer = grown
+            buffer[number, :, rows] = new[index, :, rows]
+            out.append(buffer)
+        self.layers[layer_number] = (out[0], out[1])
+        return tuple(buf[:shown].reshape(shown * t, *buf.shape[2:]) for buf in out)
+
+    def copy(self) -> "ImageKeyValues":
+        """An independent copy (a forked conversation keeps its images' K/V)."""
+        clone = ImageKeyValues()
+        clone.layers = {n: (k.clone(), v.clone()) for n, (k, v) in self.layers.items()}
+        return clone
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for kv in self.layers.values() for t in kv]

@@ -23,7 +23,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_visualchat.config import ConfigError, TrainableConfig, VisualChatConfig, to_transformer_config
-from megatron_visualchat.model.cross_attention import check_images_match_codes, image_context
+from megatron_visualchat.model.cross_attention import check_images_match_codes, image_context, image_key_values
 from megatron_visualchat.model.gpt import build_gpt_model, stage_flags
 from megatron_visualchat.model.layer_specs import get_mmca_block_spec, get_mmca_layer_spec
 from megatron_visualchat.model.lora import add_vision_lora, is_lora_parameter
@@ -129,12 +129,13 @@ class VisualChatModel(MegatronModule):
     def _forward_cross(self, tokens, position_ids, attention_mask, decoder_input, image_embeds, labels, num_images,
                        inference_context, runtime_gather_output):
         """Cross mode: the image context comes from the projector (first stage) or behind the hidden states in the
-        received p2p tensor; stages before the last send it on the same way."""
-        if inference_context is not None:
-            raise NotImplementedError("attention mode 'cross' has no KV-cached decode yet (chat, serve); evaluate "
-                                      "with the trainer's held-out accuracy instead")
+        received p2p tensor; stages before the last send it on the same way. In KV-cached decode the context holds
+        only this forward's new images; the cache's ``ImageKeyValues`` keeps the K/V of the earlier ones."""
         s, b = tokens.shape[1], tokens.shape[0]
-        check_images_match_codes(attention_mask, num_images)
+        if inference_context is None:
+            check_images_match_codes(attention_mask, num_images)
+        else:
+            image_key_values(inference_context).stage(attention_mask, s, num_images)
         if self.pre_process:
             context = image_context(image_embeds, num_images, b)
         else:
@@ -143,17 +144,21 @@ class VisualChatModel(MegatronModule):
             context = received[s:]
         # The cross layers read the codes (their core derives the mask and image positions, cross_plan).
         output = self.language_model(tokens, position_ids, attention_mask, decoder_input=decoder_input,
-                                     labels=labels, runtime_gather_output=runtime_gather_output,
+                                     labels=labels, inference_context=inference_context,
+                                     runtime_gather_output=runtime_gather_output,
                                      extra_block_kwargs={"context": context, "context_mask": attention_mask})
         return output if self.post_process else torch.cat([output, context], dim=0)
 
 
 def apply_trainable_policy(model: VisualChatModel, trainable: TrainableConfig,
-                           new_token_rows: tuple[int, ...] = ()) -> list[str]:
+                           new_token_rows: tuple[int, ...] = (), new_output_rows: tuple[int, ...] = ()) -> list[str]:
     """Set requires_grad by the policy; returns the trainable parameter names. ``embeddings`` trains the input
     embeddings, which (untied from the output layer, as in LLaMA-2) is DS-VisualChat's trainable embedding copy:
     the base rows stay in the frozen LLM checkpoint. ``new_token_rows_only`` trains just the rows of added
-    tokens (gradients of other rows are masked to zero). LoRA adapters always train."""
+    tokens (gradients of other rows are masked to zero), and of an untied output layer the ``new_output_rows``
+    (tokens the model must learn to write: the image vocabulary). LoRA adapters always train."""
+    train_output_rows = (trainable.new_token_rows_only and not trainable.llm and bool(new_output_rows)
+                         and not model.share_embeddings_and_output_weights)
     names = []
     for name, p in model.named_parameters():
         if is_lora_parameter(name):
@@ -166,6 +171,8 @@ def apply_trainable_policy(model: VisualChatModel, trainable: TrainableConfig,
             on = trainable.image_projections or trainable.llm
         elif "word_embeddings" in name:
             on = trainable.llm or trainable.embeddings or trainable.new_token_rows_only
+        elif name.endswith("output_layer.weight"):
+            on = trainable.llm or train_output_rows
         else:
             on = trainable.llm
         p.requires_grad_(on)
@@ -174,15 +181,19 @@ def apply_trainable_policy(model: VisualChatModel, trainable: TrainableConfig,
     if trainable.new_token_rows_only and not trainable.llm and model.pre_process:
         if not new_token_rows:
             raise ValueError("trainable.new_token_rows_only needs the ids of the added tokens (new_token_rows)")
-        _mask_embedding_rows(model.language_model.embedding.word_embeddings, new_token_rows)
+        embedding = model.language_model.embedding.word_embeddings
+        _mask_vocab_rows(embedding.weight, embedding.vocab_start_index, new_token_rows)
+    if train_output_rows and model.post_process:
+        output = model.language_model.output_layer
+        _mask_vocab_rows(output.weight, output.tp_group.rank() * output.output_size_per_partition, new_output_rows)
     return names
 
 
-def _mask_embedding_rows(embedding, rows: tuple[int, ...]) -> None:
-    """Only the given (global) vocabulary rows receive gradient; this rank holds rows [start, end)."""
-    start, end = embedding.vocab_start_index, embedding.vocab_end_index
-    mask = torch.zeros(end - start, 1, dtype=embedding.weight.dtype, device=embedding.weight.device)
+def _mask_vocab_rows(weight: torch.Tensor, start: int, rows: tuple[int, ...]) -> None:
+    """Only the given (global) vocabulary rows of a vocab-parallel ``weight`` receive gradient; this rank holds rows
+    [start, start + len(weight))."""
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
     for r in rows:
-        if start <= r < end:
+        if start <= r < start + weight.shape[0]:
             mask[r - start] = 1
-    embedding.weight.register_hook(lambda g: g * mask)
+    weight.register_hook(lambda g: g * mask)

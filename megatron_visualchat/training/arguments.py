@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from typing import Optional
 
 from megatron_visualchat.argtypes import TRAINABLE_PARTS, int_list, name_list, trainable_parts
 from megatron_visualchat.config import (
     ATTENTION_MODES, BACKENDS, COMBINES, IMAGE_ROWS, LLM_FROM_CHECKPOINT, LLM_PRESETS, LORA_TARGETS, MODALITY_SPLITS,
-    AttentionConfig, ConfigError, LLMConfig, LoraConfig, ParallelConfig, TrainableConfig, VisionConfig, VisualChatConfig,
+    AttentionConfig, ConfigError, FusionConfig, LLMConfig, LoraConfig, ParallelConfig, TrainableConfig, VisionConfig,
+    VisualChatConfig,
 )
 from megatron_visualchat.data.boxes import BOX_OUTSIDE
+from megatron_visualchat.model.image_tokenizer import parse_image_tokenizer_spec
 from megatron_visualchat.training.run_config import TrainingConfig
 
 
@@ -147,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ",".join(LORA_TARGETS))
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[],
-                   help="FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]], repeatable; or a JSON list of dataset specs")
+                   help="FORMAT:PATH[:WEIGHT[:NUM_SAMPLES[:CONCAT]]][:KEY=VALUE...] (e.g. objective=cm3), repeatable; "
+                        "or a JSON list of dataset specs")
     g.add_argument("--eval-data", action="append", default=[], help="same syntax as --data")
     g.add_argument("--data-total-samples", type=int, default=None,
                    help="samples a weighted blend draws in total (default: --train-iters x --global-batch-size)")
@@ -166,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--box-outside", choices=BOX_OUTSIDE, default="clip",
                    help="grounding data: a box the encoder's crop cuts is clipped to the image, or its record is "
                         "skipped and counted as box_outside (docs/grounding.md)")
+    g.add_argument("--image-tokenizer", default=None,
+                   help="NAME:DIR (e.g. tiny_vqvae:runs/vq): images as tokens; the vocabulary gains <boi>, <eoi>, its "
+                        "codes and the CM3 sentinels, and jsonl_images_out answers write their images as codes "
+                        "(docs/image_generation.md)")
+    g.add_argument("--image-code-cache-dir", default=None,
+                   help="where each output image's codes are kept, computed once (default: "
+                        "<--data-cache-dir>/image_codes)")
+    g.add_argument("--text-loss-weight", type=float, default=1.0,
+                   help="loss weight of text targets (with --image-tokenizer); the loss is sum(w * loss) / sum(w)")
+    g.add_argument("--image-code-loss-weight", type=float, default=1.0,
+                   help="loss weight of image-code targets (with --image-tokenizer)")
     return p
 
 
@@ -185,7 +200,28 @@ def parse_args(argv=None) -> TrainingConfig:
     if run.data.pack and batch.train_epochs is not None:
         raise ConfigError("--pack: the global batch counts bins, and the bins per epoch depend on the samples' "
                           "lengths, so --train-epochs cannot set the iterations: give --train-iters")
+    _check_image_code_flags(run.data)
     return run
+
+
+def _check_image_code_flags(data) -> None:
+    """The images-as-tokens flags need --image-tokenizer (without it they would silently do nothing)."""
+    weights = {"--text-loss-weight": data.text_loss_weight, "--image-code-loss-weight": data.image_code_loss_weight}
+    if data.image_tokenizer is None:
+        given = [f for f, v in (*weights.items(), ("--image-code-cache-dir", data.image_code_cache_dir))
+                 if v not in (None, 1.0)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: used only with images as tokens; give --image-tokenizer NAME:DIR")
+        return
+    try:
+        parse_image_tokenizer_spec(data.image_tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"--image-tokenizer: {e}") from None
+    for flag, value in weights.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} {value} must be a finite number >= 0")
+    if not any(weights.values()):
+        raise ConfigError("--text-loss-weight and --image-code-loss-weight are both 0: nothing would be trained")
 
 
 def parallel_config(run: TrainingConfig, world_size: int) -> ParallelConfig:
@@ -196,16 +232,28 @@ def parallel_config(run: TrainingConfig, world_size: int) -> ParallelConfig:
                                     sequence_parallel=par.sequence_parallel, cp=par.context_parallel_size)
 
 
-def _llm_architecture(m) -> LLMConfig:
+def _llm_architecture(m) -> tuple[LLMConfig, FusionConfig]:
+    """The LLM and the model kind: a preset's, or what --llm-load records (a cross fusion: two towers)."""
+    from megatron_visualchat.checkpoint.errors import CheckpointError
+    from megatron_visualchat.checkpoint.fuse_cross import JamCrossRecord
+
+    try:
+        jam = JamCrossRecord.find(m.llm_load) if m.llm_load else None
+    except CheckpointError as e:
+        raise ConfigError(f"--llm-load {m.llm_load}: {e}") from None
     if m.model_preset != LLM_FROM_CHECKPOINT:
-        return LLM_PRESETS[m.model_preset]
+        if jam is not None:
+            raise ConfigError(f"--llm-load {m.llm_load} is a cross fusion (two towers): train it with --model-preset "
+                              f"{LLM_FROM_CHECKPOINT}")
+        return LLM_PRESETS[m.model_preset], FusionConfig()
     if not m.llm_load:
         raise ConfigError(f"--model-preset {LLM_FROM_CHECKPOINT} reads the architecture of --llm-load: give --llm-load")
-    from megatron_visualchat.checkpoint.errors import CheckpointError
+    if jam is not None:
+        return jam.llm, jam.fusion
     from megatron_visualchat.checkpoint.legacy_format import ConversionRecord
 
     try:
-        return ConversionRecord.load(m.llm_load).llm
+        return ConversionRecord.load(m.llm_load).llm, FusionConfig()
     except CheckpointError as e:
         raise ConfigError(f"--llm-load {m.llm_load}: {e}") from None
 
@@ -214,7 +262,7 @@ def model_config(run: TrainingConfig, world_size: int, vocab_size: Optional[int]
     """The validated config tree for this run on ``world_size`` processes. ``vocab_size`` (the tokenizer's, with
     added tokens) enlarges the preset's vocabulary when larger."""
     m = run.model
-    llm = _llm_architecture(m)
+    llm, fusion = _llm_architecture(m)
     if vocab_size is not None and vocab_size > llm.vocab_size:
         llm = dataclasses.replace(llm, vocab_size=vocab_size)
     cfg = VisualChatConfig(
@@ -229,6 +277,7 @@ def model_config(run: TrainingConfig, world_size: int, vocab_size: Optional[int]
         parallel=parallel_config(run, world_size),
         lora=LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout, targets=m.lora_targets,
                         vision_rank=m.vision_lora_rank, vision_targets=m.vision_lora_targets),
+        fusion=fusion,
     )
     cfg.validate(world_size)
     if run.checkpoint.export_adapters and not cfg.lora.enabled:

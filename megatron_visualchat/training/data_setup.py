@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -10,12 +11,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_visualchat.config import ConfigError, VisualChatConfig
-from megatron_visualchat.data.blend import parse_spec_text
+from megatron_visualchat.data.blend import DatasetSpec, parse_spec_text
 from megatron_visualchat.data.dataset import build_train_dataset
+from megatron_visualchat.data.image_codes import ImageCodeCache, with_image_vocab_of
 from megatron_visualchat.data.loader import build_dataloader
 from megatron_visualchat.data.synthetic import generate_synthetic_dataset, synthetic_corpus_lines
 from megatron_visualchat.data.tokenizer import VisualChatTokenizer, train_tiny_sentencepiece
 from megatron_visualchat.model.cross_attention import positions_per_image
+from megatron_visualchat.model.image_tokenizer import load_image_tokenizer, parse_image_tokenizer_spec
 from megatron_visualchat.model.vision import EncoderOptions, build_projector, get_encoder_spec
 from megatron_visualchat.training.run_config import TrainingConfig
 
@@ -34,26 +37,61 @@ def synthetic_paths(run: TrainingConfig) -> dict:
             "images": os.path.join(root, "images"), "tokenizer": os.path.join(root, "tokenizer")}
 
 
+@functools.lru_cache(maxsize=4)
+def _load_image_tokenizer(spec: str):
+    name, directory = parse_image_tokenizer_spec(spec)
+    try:
+        return load_image_tokenizer(name, directory)
+    except ValueError as e:
+        raise ConfigError(f"--image-tokenizer {spec}: {e}") from None
+
+
+def image_tokenizer(run: TrainingConfig):
+    """The run's ``--image-tokenizer`` (loaded once per process), or None."""
+    return None if run.data.image_tokenizer is None else _load_image_tokenizer(run.data.image_tokenizer)
+
+
+def image_code_cache(run: TrainingConfig) -> Optional[ImageCodeCache]:
+    """Where output images' codes are kept (``--image-code-cache-dir``, default under ``--data-cache-dir``)."""
+    tok = image_tokenizer(run)
+    if tok is None:
+        return None
+    return ImageCodeCache(run.data.image_code_cache_dir or os.path.join(run.data.data_cache_dir, "image_codes"), tok)
+
+
 def load_tokenizer(run: TrainingConfig):
+    """The text tokenizer; with ``--image-tokenizer`` it carries that tokenizer's image vocabulary (a saved one
+    must already have the same codebook size; one saved without an image vocabulary gains it)."""
+    image_tok = image_tokenizer(run)
     if run.data.tokenizer_dir:
         tokenizer = VisualChatTokenizer.load(run.data.tokenizer_dir)
-        if tokenizer.image_vocab is not None:
-            raise ConfigError(f"--tokenizer-dir {run.data.tokenizer_dir} has an image-code vocabulary; training with "
-                              f"images as tokens is not wired yet (docs/image_generation.md): use a tokenizer "
-                              f"saved without image_codebook_size")
-        return tokenizer
-    if run.data.synthetic is None:
+    elif run.data.synthetic is None:
         raise ConfigError("--tokenizer-dir is required with --data (a LLaMA-2 tokenizer.model saved by "
                           "VisualChatTokenizer.save)")
-    path = synthetic_paths(run)["tokenizer"]
-    _on_rank0_then_all(lambda: train_tiny_sentencepiece(path, synthetic_corpus_lines(400, run.batch.seed), 512), path)
-    return VisualChatTokenizer.load(path)
+    else:
+        path = synthetic_paths(run)["tokenizer"]
+        _on_rank0_then_all(lambda: train_tiny_sentencepiece(path, synthetic_corpus_lines(400, run.batch.seed), 512),
+                           path)
+        tokenizer = VisualChatTokenizer.load(path)
+    saved = tokenizer.image_codebook_size
+    if image_tok is None:
+        if saved:
+            raise ConfigError(f"--tokenizer-dir {run.data.tokenizer_dir} has an image vocabulary of {saved} codes: "
+                              f"give the image tokenizer it belongs to (--image-tokenizer NAME:DIR, "
+                              f"docs/image_generation.md)")
+        return tokenizer
+    try:
+        return with_image_vocab_of(tokenizer, image_tok, f"--tokenizer-dir {run.data.tokenizer_dir}")
+    except ValueError as e:
+        raise ConfigError(f"{e} (--image-tokenizer {run.data.image_tokenizer})") from None
 
 
 def dataset_specs(run: TrainingConfig, which: str = "train") -> list[dict]:
     texts, flag = (run.data.data, "--data") if which == "train" else (run.data.eval_data, "--eval-data")
     try:
         specs = [s for text in texts for s in parse_spec_text(text)]
+        for spec in specs:
+            DatasetSpec.coerce(spec)  # field checks (objective, weight, ...) name the flag here
     except ValueError as e:
         raise ConfigError(f"{flag}: {e}") from None
     if not specs and run.data.synthetic is not None:
@@ -102,7 +140,7 @@ def build_datasets(run: TrainingConfig, tokenizer, num_image_tokens: int, image_
     batch, data = run.batch, run.data
     common = dict(num_image_tokens=num_image_tokens, max_seq_len=batch.seq_length, template=data.template,
                   max_images_per_sample=data.max_images, seed=batch.seed, strict=data.strict_data, split="all",
-                  image_preprocess=image_preprocess, box_outside=data.box_outside)
+                  image_preprocess=image_preprocess, box_outside=data.box_outside, image_codes=image_code_cache(run))
     train_specs = dataset_specs(run, "train")
     train = build_train_dataset(train_specs, tokenizer, total_samples=blend_total_samples(run, train_specs), **common)
     eval_specs = dataset_specs(run, "eval")

@@ -27,14 +27,16 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from megatron_visualchat.checkpoint import training_state
 from megatron_visualchat.checkpoint.chat import check_export_dir
 from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.fuse_cross import TOWER_DIRS, JamCrossRecord
 from megatron_visualchat.checkpoint.init_from import init_iteration
 from megatron_visualchat.checkpoint.layout import read_tracker
 from megatron_visualchat.checkpoint.legacy_format import ConversionRecord, rank_file
-from megatron_visualchat.config import ConfigError, ParallelConfig, TrainableConfig, VisualChatConfig
+from megatron_visualchat.config import JAM_CROSS, ConfigError, ParallelConfig, TrainableConfig, VisualChatConfig
+from megatron_visualchat.model.jam_cross import JamCrossModel, apply_jam_cross_trainable
 from megatron_visualchat.model.visualchat import VisualChatModel, apply_trainable_policy
 from megatron_visualchat.argtypes import TRAINABLE_PARTS
 from megatron_visualchat.training.arguments import model_config
-from megatron_visualchat.training.data_setup import build_loaders, dataset_specs, load_tokenizer
+from megatron_visualchat.training.data_setup import build_loaders, dataset_specs, image_tokenizer, load_tokenizer
 from megatron_visualchat.training.run_config import TrainingConfig
 
 # megatron-core's default rank order (initialize_parallel does not change it): TP fastest, then DP, then PP.
@@ -62,8 +64,13 @@ def dry_run(run: TrainingConfig, world_size: int) -> int:
             _check_llm_checkpoint(run.model.llm_load, cfg)
         print(f"tokenizer: {tokenizer.vocab_size} tokens; vocabulary {cfg.llm.vocab_size} padded to "
               f"{cfg.llm.padded_vocab_size(par.tp)} rows")
+        if run.data.image_tokenizer:
+            image_tok = image_tokenizer(run)
+            print(f"image tokenizer {run.data.image_tokenizer}: {image_tok.codebook_size} codes, "
+                  f"{image_tok.num_codes} per {image_tok.image_size} px image")
         _report_data(run, cfg, tokenizer)
-    _report_model(run, cfg, world_size, tuple(tokenizer.added_tokens.values()))
+    vocab = tokenizer.image_vocab
+    _report_model(run, cfg, world_size, tokenizer.new_token_ids, vocab.token_ids if vocab else ())
     print("dry run ok")
     return 0
 
@@ -109,6 +116,10 @@ def check_paths(run: TrainingConfig) -> None:
 def _check_llm_checkpoint(path: str, cfg: VisualChatConfig) -> None:
     """``--llm-load`` must be a complete hf-to-megatron conversion of the preset's architecture (its vocabulary
     may be smaller than the tokenizer's); a different layout is only resharded on load, which is slower."""
+    if JamCrossRecord.find(path) is not None:  # a cross fusion: each tower is such a conversion
+        for tower in TOWER_DIRS:
+            _check_llm_checkpoint(os.path.join(path, tower), cfg)
+        return
     try:
         record = ConversionRecord.load(path)
         iteration = read_tracker(path)
@@ -191,7 +202,14 @@ def build_meta_chunks(run: TrainingConfig, cfg: VisualChatConfig) -> list:
     overrides = {**run.recompute.transformer_overrides(), "use_cpu_initialization": True}
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
     with torch.device("meta"), _SkipRandomFillsOnMeta():
-        return [VisualChatModel(cfg, vp_stage=s, transformer_overrides=overrides) for s in stages]
+        model = JamCrossModel if cfg.fusion.kind == JAM_CROSS else VisualChatModel
+        return [model(cfg, vp_stage=s, transformer_overrides=overrides) for s in stages]
+
+
+def _apply_policy(chunk, trainable: TrainableConfig, new_token_rows, new_output_rows) -> list[str]:
+    if isinstance(chunk, JamCrossModel):
+        return apply_jam_cross_trainable(chunk, trainable)
+    return apply_trainable_policy(chunk, trainable, new_token_rows, new_output_rows)
 
 
 class _SkipRandomFillsOnMeta(TorchFunctionMode):
@@ -217,13 +235,14 @@ def _count(chunks: list) -> tuple[int, int, int, int]:
             sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad))
 
 
-def _selected_parts(chunks: list, trainable: TrainableConfig, new_token_rows: tuple[int, ...]) -> set[str]:
+def _selected_parts(chunks: list, trainable: TrainableConfig, new_token_rows: tuple[int, ...],
+                    new_output_rows: tuple[int, ...]) -> set[str]:
     """The enabled trainable parts that select at least one parameter here (the policy applied part by part)."""
     selected = set()
     for part in sorted(TRAINABLE_PARTS):
         if getattr(trainable, part):
             alone = TrainableConfig(**{name: name == part for name in TRAINABLE_PARTS})
-            if any(apply_trainable_policy(c, alone, new_token_rows) for c in chunks):
+            if any(_apply_policy(c, alone, new_token_rows, new_output_rows) for c in chunks):
                 selected.add(part)
     return selected
 
@@ -231,13 +250,14 @@ def _selected_parts(chunks: list, trainable: TrainableConfig, new_token_rows: tu
 def _layers(chunks: list) -> str:
     spans = []
     for c in chunks:
-        numbers = [layer.layer_number for layer in c.language_model.decoder.layers]
+        numbers = [layer.layer_number for layer in (c.tower_a if isinstance(c, JamCrossModel) else
+                                                    c.language_model).decoder.layers]
         spans.append(f"{numbers[0]}-{numbers[-1]}" if numbers else "-")
     return ",".join(spans)
 
 
-def rank_reports(run: TrainingConfig, cfg: VisualChatConfig, world_size: int,
-                 new_token_rows: tuple[int, ...] = ()) -> tuple[list[RankReport], set[str]]:
+def rank_reports(run: TrainingConfig, cfg: VisualChatConfig, world_size: int, new_token_rows: tuple[int, ...] = (),
+                 new_output_rows: tuple[int, ...] = ()) -> tuple[list[RankReport], set[str]]:
     """Per-rank parameter counts (one meta build per (TP, PP) position) and the trainable parts that selected
     some parameter on some rank."""
     par = cfg.parallel
@@ -251,20 +271,24 @@ def rank_reports(run: TrainingConfig, cfg: VisualChatConfig, world_size: int,
             if (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()) != (pp, tp):
                 raise RuntimeError(f"rank {rank}: megatron-core placed it at a position other than PP {pp}, TP {tp}")
             chunks = build_meta_chunks(run, cfg)
-            selected |= _selected_parts(chunks, cfg.trainable, new_token_rows)
+            selected |= _selected_parts(chunks, cfg.trainable, new_token_rows, new_output_rows)
             for c in chunks:
-                apply_trainable_policy(c, cfg.trainable, new_token_rows)
+                _apply_policy(c, cfg.trainable, new_token_rows, new_output_rows)
             built[pp, tp] = (_layers(chunks), *_count(chunks))
     reports = [RankReport(rank, dp, pp, tp, *built[pp, tp]) for rank, (dp, pp, tp) in sorted(positions.items())]
     return reports, selected
 
 
 def _report_model(run: TrainingConfig, cfg: VisualChatConfig, world_size: int,
-                  new_token_rows: tuple[int, ...]) -> None:
+                  new_token_rows: tuple[int, ...], new_output_rows: tuple[int, ...]) -> None:
     m = run.model
-    reports, selected = rank_reports(run, cfg, world_size, new_token_rows)
-    print(f"model: {m.model_preset} + {m.vision_encoder} encoder + {m.projector} projector, attention "
-          f"{m.attention_mode}, modality split {m.modality_split}; parameters per rank:")
+    reports, selected = rank_reports(run, cfg, world_size, new_token_rows, new_output_rows)
+    if cfg.fusion.kind == JAM_CROSS:
+        print(f"model: jam-cross, two towers of {cfg.llm.num_layers} layers, a cross link after every "
+              f"{cfg.fusion.cross_interval}; parameters per rank:")
+    else:
+        print(f"model: {m.model_preset} + {m.vision_encoder} encoder + {m.projector} projector, attention "
+              f"{m.attention_mode}, modality split {m.modality_split}; parameters per rank:")
     dp = "dp" if cfg.parallel.cp == 1 else "dpcp"  # CP ranks hold the same parameters, like DP ranks
     print(f"  {'rank':>5} {dp:>4} {'pp':>3} {'tp':>3} {'layers':>9} {'parameters':>15} {'trainable':>15}")
     for r in reports:

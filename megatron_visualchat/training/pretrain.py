@@ -22,9 +22,12 @@ from megatron_visualchat.checkpoint import training_state
 from megatron_visualchat.checkpoint.adapters import check_adapters_dir, save_adapters
 from megatron_visualchat.checkpoint.chat import check_export_dir, save_chat_checkpoint
 from megatron_visualchat.checkpoint.errors import CheckpointError
+from megatron_visualchat.checkpoint.fuse_cross import load_towers
 from megatron_visualchat.checkpoint.init_from import load_weights
 from megatron_visualchat.checkpoint.legacy_format import load_megatron_checkpoint
-from megatron_visualchat.config import VisualChatConfig
+from megatron_visualchat.config import JAM_CROSS, VisualChatConfig
+from megatron_visualchat.model.image_tokenizer import parse_image_tokenizer_spec
+from megatron_visualchat.model.jam_cross import JamCrossModel, apply_jam_cross_trainable
 from megatron_visualchat.model.lora import count_lora_parameters, lora_report, merge_lora
 from megatron_visualchat.model.mmca.split_linear import copy_text_weights_to_image
 from megatron_visualchat.model.token_codes import MODALITY_IMAGE, MODALITY_PAD
@@ -37,27 +40,37 @@ from megatron_visualchat.training.dry_run import dry_run
 from megatron_visualchat.training.metrics import MetricsLogger
 from megatron_visualchat.training.optimizer import build_optimizer, build_scheduler, wrap_model
 from megatron_visualchat.training.run_config import TrainingConfig
-from megatron_visualchat.training.step import run_schedule, visualchat_forward_step
+from megatron_visualchat.training.step import modality_weighted_forward_step, run_schedule, visualchat_forward_step
 
 
-def build_model_chunks(cfg: VisualChatConfig, run: TrainingConfig, new_token_rows: tuple[int, ...] = ()) -> list:
+def build_model_chunks(cfg: VisualChatConfig, run: TrainingConfig, new_token_rows: tuple[int, ...] = (),
+                       new_output_rows: tuple[int, ...] = ()) -> list:
     """This rank's VisualChatModel chunk(s) (several with virtual pipeline stages), trainable policy applied,
     base LLM weights loaded and image-side projections initialised from them, then ``--init-from`` checkpoints
     loaded over them. ``new_token_rows``: vocabulary
-    rows of the tokenizer's added tokens (for ``trainable.new_token_rows_only``)."""
+    rows of the tokenizer's added tokens, ``new_output_rows``: output-layer rows of its image vocabulary (for
+    ``trainable.new_token_rows_only``)."""
     prec = run.precision
     stages = [None] if cfg.parallel.vpp is None else list(range(cfg.parallel.vpp))
     recompute = run.recompute.transformer_overrides()
     chunks = []
     for vp_stage in stages:
         # Built in fp32; Float16Module (wrap_model) casts to bf16/fp16 and the optimizer keeps fp32 main params.
-        model = VisualChatModel(cfg, params_dtype=torch.float32, vp_stage=vp_stage, transformer_overrides=recompute)
+        jam = cfg.fusion.kind == JAM_CROSS
+        model = (JamCrossModel if jam else VisualChatModel)(cfg, params_dtype=torch.float32, vp_stage=vp_stage,
+                                                            transformer_overrides=recompute)
         model.config.params_dtype = model.config.pipeline_dtype = prec.dtype
         model.config.bf16, model.config.fp16 = prec.bf16, prec.fp16
+        if jam:  # a cross fusion (model/jam_cross.py): both towers from --llm-load, the fusion's weights trained
+            if run.model.llm_load:
+                load_towers(model, run.model.llm_load)
+            apply_jam_cross_trainable(model, cfg.trainable)
+            chunks.append(model)
+            continue
         if run.model.llm_load:
             _load_base_llm(model, run.model.llm_load)
             copy_text_weights_to_image(model)
-        apply_trainable_policy(model, cfg.trainable, new_token_rows=new_token_rows)
+        apply_trainable_policy(model, cfg.trainable, new_token_rows=new_token_rows, new_output_rows=new_output_rows)
         chunks.append(model)
     for root in run.checkpoint.init_from:  # earlier runs' (a recipe's earlier stages') weights, later ones win
         iteration = load_weights(root, chunks, config_record(cfg, run))
@@ -120,7 +133,8 @@ def _count_tokens(microbatches: list[dict]) -> dict:
     return {key: sum(int(f(b)) for b in microbatches) * dp for key, f in count.items()}
 
 
-def evaluate(chunks: list, loader, run: TrainingConfig, num_microbatches: int) -> float:
+def evaluate(chunks: list, loader, run: TrainingConfig, num_microbatches: int,
+             forward_step=visualchat_forward_step) -> float:
     for c in chunks:
         c.eval()
     losses = []
@@ -129,7 +143,7 @@ def evaluate(chunks: list, loader, run: TrainingConfig, num_microbatches: int) -
         for _ in range(run.metrics.eval_iters):
             mbs = [next(batches) for _ in range(num_microbatches)]
             out = run_schedule(chunks, mbs, num_microbatches=num_microbatches, seq_length=run.batch.seq_length,
-                               micro_batch_size=run.batch.micro_batch_size, forward_step=visualchat_forward_step,
+                               micro_batch_size=run.batch.micro_batch_size, forward_step=forward_step,
                                forward_only=True)
             losses.append(_reduce_loss(out))
     for c in chunks:
@@ -155,6 +169,8 @@ def config_record(cfg: VisualChatConfig, run: TrainingConfig) -> dict:
     model.pop("parallel")
     if not cfg.lora.enabled:  # records of runs without adapters stay as before LoRA existed (their resumes too)
         model.pop("lora")
+    if cfg.fusion.kind != JAM_CROSS:  # likewise for runs of the one-decoder model
+        model.pop("fusion")
     return {"model": model, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp,
             "pp_layers": list(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None, "dp": cfg.parallel.dp,
             "run": run.to_dict()}
@@ -173,7 +189,8 @@ def train(run: TrainingConfig) -> dict:
     train_loader, eval_loader = build_loaders(run, cfg, tokenizer)  # before the model: bad data fails fast
 
     # 2. model, DDP, optimizer, schedule
-    chunks = wrap_model(build_model_chunks(cfg, run, tuple(tokenizer.added_tokens.values())),
+    vocab = tokenizer.image_vocab
+    chunks = wrap_model(build_model_chunks(cfg, run, tokenizer.new_token_ids, vocab.token_ids if vocab else ()),
                         use_distributed_optimizer=run.parallelism.use_distributed_optimizer,
                         fp16=run.precision.fp16, bf16=run.precision.bf16,
                         overlap_grad_reduce=run.parallelism.overlap_grad_reduce,
@@ -211,6 +228,8 @@ def train(run: TrainingConfig) -> dict:
                            start_iter=start["iteration"], packing=run.data.pack)
     schedule = dict(num_microbatches=num_microbatches, seq_length=batch.seq_length,
                     micro_batch_size=batch.micro_batch_size)
+    forward_step = visualchat_forward_step if vocab is None else modality_weighted_forward_step(
+        vocab, run.data.text_loss_weight, run.data.image_code_loss_weight)
     batches = train_loader.forever()
     losses, eval_losses, eval_accuracy = [], [], []
     iteration = start["iteration"]
@@ -219,7 +238,7 @@ def train(run: TrainingConfig) -> dict:
         for c in chunks:
             c.zero_grad_buffer()
         optimizer.zero_grad()
-        loss_dicts = run_schedule(chunks, microbatches, forward_step=visualchat_forward_step, **schedule)
+        loss_dicts = run_schedule(chunks, microbatches, forward_step=forward_step, **schedule)
         ok, grad_norm, _ = optimizer.step()
         if ok:
             scheduler.step(increment=batch.global_batch_size)
@@ -230,7 +249,7 @@ def train(run: TrainingConfig) -> dict:
                     **_count_tokens(microbatches), skipped=Counter(train_loader.skipped),
                     log=iteration % run.metrics.log_interval == 0)
         if eval_loader is not None and (iteration % run.metrics.eval_interval == 0 or iteration == train_iters):
-            eval_losses.append(evaluate(chunks, eval_loader, run, num_microbatches))
+            eval_losses.append(evaluate(chunks, eval_loader, run, num_microbatches, forward_step))
             eval_accuracy.append(answer_accuracy(chunks, eval_loader, max_batches=run.metrics.eval_accuracy_iters,
                                                  **schedule))
             logger.eval(iteration, eval_losses[-1], eval_accuracy[-1])
@@ -249,7 +268,9 @@ def train(run: TrainingConfig) -> dict:
     # 5. export
     _gather_params(chunks)
     if ckpt.export_dir:
-        save_chat_checkpoint(chunks, tokenizer, ckpt.export_dir, state_dict=merge_lora)
+        drawn_with = run.data.image_tokenizer  # the chat checkpoint keeps it, so chat can draw the codes
+        save_chat_checkpoint(chunks, tokenizer, ckpt.export_dir, state_dict=merge_lora,
+                             image_tokenizer=None if drawn_with is None else parse_image_tokenizer_spec(drawn_with))
     if ckpt.export_adapters:
         save_adapters(chunks, ckpt.export_adapters)
     return {"losses": losses, "eval_losses": eval_losses, "eval_accuracy": eval_accuracy, "iteration": iteration,

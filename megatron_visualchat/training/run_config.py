@@ -142,6 +142,10 @@ class DataConfig:
     pack: bool = False
     strict_data: bool = False
     box_outside: str = "clip"  # grounding boxes the image crop cuts: clip them, or skip the record (data/boxes.py)
+    image_tokenizer: Optional[str] = None  # NAME:DIR: answers write images as its codes (docs/image_generation.md)
+    image_code_cache_dir: Optional[str] = None  # default: <data_cache_dir>/image_codes
+    text_loss_weight: float = 1.0  # per-target loss weights (text vs image-code targets), a weighted mean
+    image_code_loss_weight: float = 1.0
 
 
 @dataclass(frozen=True)

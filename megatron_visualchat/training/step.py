@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
+from megatron_visualchat.data.cm3 import modality_loss_weights
 from megatron_visualchat.model.token_codes import pack_token_codes
+from megatron_visualchat.parallel.p2p import interleaved_schedule_kwargs
 from megatron_visualchat.training.context_parallel import split_batch, sum_over_context_parallel
 
 
@@ -20,9 +23,9 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     of the whole sequence and reports the whole-sequence mean. megatron-core's schedule multiplies the loss by CP
     and DDP averages gradients over DP x CP, so the gradients equal CP=1's."""
     losses = output_tensor.float()
-    mask = loss_mask.float()
+    mask = loss_mask.float()  # 0/1, or per-target weights (lm_objective's loss_weights): then a weighted mean
     num_tokens = sum_over_context_parallel(mask.sum())
-    loss = (losses * mask).sum() / num_tokens.clamp(min=1.0)
+    loss = (losses * mask).sum() / torch.where(num_tokens > 0, num_tokens, 1.0)
     return loss, {"lm loss": torch.stack([sum_over_context_parallel(loss.detach()), num_tokens.detach()])}
 
 
@@ -33,9 +36,23 @@ def gpt_forward_step(data_iterator: Iterator[dict], model):
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
-def lm_objective(batch: dict):
-    """Training and eval loss: the model computes per-token losses from the labels; the mean is masked."""
-    return batch["labels"], partial(masked_lm_loss, batch["loss_mask"])
+def lm_objective(batch: dict, loss_weights: Optional[Callable] = None):
+    """Training and eval loss: the model computes per-token losses from the labels; the mean is masked.
+    ``loss_weights(labels) -> weights`` makes it a weighted mean, sum(w * loss) / sum(w) (0 on unlabelled
+    targets)."""
+    mask = batch["loss_mask"]
+    if loss_weights is not None:
+        mask = mask * loss_weights(batch["labels"])
+    return batch["labels"], partial(masked_lm_loss, mask)
+
+
+def modality_weighted_forward_step(vocab, text_weight: float, image_code_weight: float) -> Callable:
+    """``visualchat_forward_step`` whose loss weighs image-code targets (of ``vocab``, an ``ImageCodeVocab``) by
+    ``image_code_weight`` and all other targets by ``text_weight``: a weighted mean, normalised by the sum of the
+    weights, so (1, 1) is the plain mean bit for bit and (2, 2) equals it too; (0, 1) is the mean over codes."""
+    weights = partial(modality_loss_weights, vocab=vocab, text_weight=text_weight,
+                      image_code_weight=image_code_weight)
+    return partial(visualchat_forward_step, objective=partial(lm_objective, loss_weights=weights))
 
 
 def visualchat_forward_step(data_iterator: Iterator[dict], model, objective: Callable = lm_objective):
@@ -71,6 +88,9 @@ def run_schedule(
     # Every virtual-pipeline chunk walks the same microbatches with its own iterator.
     iterators = [iter(microbatches) for _ in model_chunks]
     iterator = iterators[0] if len(model_chunks) == 1 else iterators
+    # Virtual stages: megatron-core's batched p2p would cross activations and gradients on a 2-rank pipeline, and
+    # its shape exchange (mode cross) would deadlock; parallel/p2p.py.
+    interleaved = interleaved_schedule_kwargs(get_model_config(model_chunks[0])) if len(model_chunks) > 1 else {}
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterator,
@@ -79,4 +99,5 @@ def run_schedule(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        **interleaved,
     )

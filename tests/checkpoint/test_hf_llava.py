@@ -217,10 +217,10 @@ def test_export_refuses_what_llava_cannot_compute(llava, tmp_path, capsys):
     chat = import_chat(plan_import(llava), tmp_path / "chat", dtype="fp32")
     config = json.loads((chat / CONFIG_FILE).read_text())
     config["attention"].update(mode="mmca", modality_split="kv")
-    config["vision"]["projector"] = "linear"
+    config["vision"]["projector"] = "perceiver"  # the trust_remote_code model has no perceiver either
     (chat / CONFIG_FILE).write_text(json.dumps(config))
     assert export_main(["--load", str(chat), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    for reason in ("attention.mode='mmca'", "trust_remote_code", "modality_split='kv'", "projector='linear'"):
+    for reason in ("attention.mode='mmca'", "trust_remote_code", "modality_split='kv'", "projector='perceiver'"):
         assert reason in err
     assert not (tmp_path / "hf").exists()

@@ -152,14 +152,3 @@ def test_modality_loss_weights(image_tok):
     assert w.tolist() == [[0.0, 1.0, 1.0, 0.25, 0.25, 1.0, 1.0]]
     with pytest.raises(ValueError, match=">= 0"):
         modality_loss_weights(labels, vocab, image_code_weight=-1)
-
-
-def test_training_refuses_an_image_vocabulary_until_wired(image_tok, tmp_path):
-    from megatron_visualchat.config import ConfigError
-    from megatron_visualchat.training.arguments import parse_args
-    from megatron_visualchat.training.data_setup import load_tokenizer
-
-    image_tok.save(str(tmp_path / "tok"))
-    run = parse_args(["--synthetic", "16", "--tokenizer-dir", str(tmp_path / "tok"), "--train-iters", "1"])
-    with pytest.raises(ConfigError, match="not wired yet"):
-        load_tokenizer(run)

@@ -1,7 +1,8 @@
 """Cross mode (CrA): the mask lets a position see exactly the images shown so far in its own packed sample; at
 initialisation (gates 0) the model is the frozen LLM on the text; with open gates later images and other samples'
 images still leave a position's logits unchanged; cross layers every K layers; a label only the pixels determine
-is learned through them; the trainer flags reach the model; options that do not apply, and chat, are refused."""
+is learned through them; the trainer flags reach the model; options that do not apply are refused. KV-cached
+decode (chat, serve): tests/inference/test_cross_decode.py."""
 
 import pytest
 import torch
@@ -70,6 +71,31 @@ def test_image_context_places_each_rows_images_in_order():
     assert context[:, 0, 0].tolist() == [0, 1, 2, 3]
     assert context[:, 1, 0].tolist() == [0, 0, 0, 0]
     assert context[:, 2, 0].tolist() == [4, 5, 0, 0]
+
+
+def test_decode_cache_keeps_each_rows_images_in_context_layout_and_reuses_slots_after_rollback():
+    from megatron_visualchat.model.cross_attention import ImageKeyValues
+
+    def codes(*layouts):
+        return pack_token_codes(*(torch.stack(c) for c in list(zip(*map(codes_from_layout, layouts)))[:2]))
+
+    def new_kv(embeds, counts):  # what a layer's linear_kv gives for a forward's new images: [M_new*T, b, 1, h]
+        return image_context(embeds, torch.tensor(counts), 2)[:, :, None]
+
+    t, h = 2, 3
+    images = torch.randn(5, t, h, generator=torch.Generator().manual_seed(0))  # a, b (row 0); c, d, e (row 1)
+    store = ImageKeyValues()
+    store.stage(codes("t0t1", "pt0t"), 4, torch.tensor([2, 1]))  # prefill: a, b in row 0, c in row 1
+    k, v = store.extend(7, new_kv(images[:3], [2, 1]), -new_kv(images[:3], [2, 1]))
+    assert torch.equal(k[:, :, 0], image_context(images[:3], torch.tensor([2, 1]), 2)) and torch.equal(v, -k)
+    store.stage(codes("t0t1t", "pt0t1"), 1, torch.tensor([0, 1]))  # decode step: d is row 1's second image
+    k, _ = store.extend(7, new_kv(images[3:4], [0, 1]), new_kv(images[3:4], [0, 1]))
+    assert torch.equal(k[:, :, 0], image_context(images[:4], torch.tensor([2, 2]), 2))
+    store.stage(codes("t0t1t", "pt0t1"), 1, torch.tensor([0, 1]))  # rolled back: e takes d's number and slots
+    k, _ = store.extend(7, new_kv(images[4:], [0, 1]), new_kv(images[4:], [0, 1]))
+    assert torch.equal(k[:, :, 0], image_context(images[[0, 1, 2, 4]], torch.tensor([2, 2]), 2))
+    with pytest.raises(ValueError, match=r"show \[0, 1\] image\(s\) per row among the last 1 positions"):
+        store.stage(codes("t0t1t", "pt0t1"), 1, torch.tensor([0, 0]))
 
 
 def _cfg(interval=1):
@@ -168,13 +194,6 @@ def test_interval_outside_cross_mode_or_past_the_last_layer_is_refused():
         _cfg(interval=LLM.num_layers + 1).validate()
 
 
-def test_virtual_pipeline_is_refused():
-    from megatron_visualchat.config import ParallelConfig
-
-    with pytest.raises(ConfigError, match="vpp is not supported with attention.mode='cross'"):
-        _cfg().replace(parallel=ParallelConfig(pp=2, vpp=2)).validate()
-
-
 def test_trainer_flags_reach_the_model_config_and_the_data_takes_one_marker_per_image():
     from megatron_visualchat.training.arguments import model_config, parse_args
     from megatron_visualchat.training.data_setup import image_geometry
@@ -188,17 +207,6 @@ def test_trainer_flags_reach_the_model_config_and_the_data_takes_one_marker_per_
     with pytest.raises(ConfigError, match="does not apply to mode='cross'"):
         model_config(parse_args([*base, "--attention-mode", "cross",
                                  "--modality-split", "kv"]), world_size=1)
-
-
-def test_chat_refuses_a_cross_mode_checkpoint(tmp_path):
-    import json
-
-    from megatron_visualchat.checkpoint.chat import CONFIG_FILE, config_to_dict
-    from megatron_visualchat.inference.checkpoint import build_chat_model
-
-    (tmp_path / CONFIG_FILE).write_text(json.dumps(config_to_dict(_cfg())))
-    with pytest.raises(ConfigError, match="trained with attention mode 'cross', which chat, serve and eval-replay"):
-        build_chat_model(tmp_path)
 
 
 def _learn_image_label(steps):

@@ -1,6 +1,7 @@
 """Cross mode (gated cross-attention layers every 2nd layer, image context sent on behind the hidden states through
 the pipeline) gives the same loss and gradients at TP=2, PP=2 and TP=2 x PP=2 as at TP=1 from the same weights,
-gates open and packed samples in the batch. Virtual pipeline stages are refused (config.py)."""
+gates open and packed samples in the batch; and with virtual pipeline stages (PP=2 x VPP=2, where megatron-core's
+own shape exchange would deadlock: parallel/p2p.py)."""
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from megatron_visualchat.testing.equivalence import current_parallel, merge_rank
 from megatron_visualchat.training.step import visualchat_forward_step
 
 LLM = LLM_PRESETS["tiny"]
-# One marker position per image; row 0 packs two samples, row 1 shows its second image late, microbatch 1 has a
-# row without images (so M, the most images per row, differs between microbatches: the p2p shape varies).
-LAYOUTS = [["tt0ttt|t1tttpp", "ttt0ttttt1ttt"], ["tt0tt1tt2tttp", "ttttttttttttp"]]
-NUM_IMAGES = [[2, 2], [3, 0]]
+# One marker position per image; row 0 packs two samples, row 1 shows its second image late, microbatches 1 and 3
+# have a row without images (so M, the most images per row, differs between microbatches: the p2p shape varies).
+# Four microbatches, so that PP=2 x VPP=2 reaches its steady state (a forward and a backward tensor exchanged with
+# the same peer in one call).
+LAYOUTS = [["tt0ttt|t1tttpp", "ttt0ttttt1ttt"], ["tt0tt1tt2tttp", "ttttttttttttp"],
+           ["t0tttt1tttttt", "tttt0tttttttp"], ["ttttttttttttt", "0t1t2t3ttttpp"]]
+NUM_IMAGES = [[2, 2], [3, 0], [2, 1], [0, 4]]
 SEQ, MBS = 13, 2
 
 
@@ -76,11 +80,12 @@ def test_cross_layers_and_projector_get_gradients(reference):
     assert zero == [], zero
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_layouts_match_single_process(full, reference, tp, pp):
+@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)])
+def test_layouts_match_single_process(full, reference, tp, pp, vpp):
     ref_loss, ref_grads = reference
-    loss, grads = merge_rank_results(run_parallel(_step, tp=tp, pp=pp, args=(full,)), tp)
-    # Measured: equal losses; PP gradients bit-identical, TP ones within 4.2e-9 (6e-6 of the largest entry).
+    loss, grads = merge_rank_results(run_parallel(_step, tp=tp, pp=pp, vpp=vpp, args=(full,)), tp)
+    # Measured: equal losses; PP (and PP x VPP) gradients bit-identical, TP ones within 4.2e-9 (6e-6 of the largest
+    # entry).
     assert abs(loss - ref_loss) < 1e-6 * max(1.0, abs(ref_loss))
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import ConversationSource
 from .grounding import GroundedChatSource, RefExpSource
+from .images_out import ImageOutputJsonlSource
 from .llava import LlavaSource
 from .llava_otter import LlavaOtterBlendSource
 from .mimicit import MimicItSource
@@ -18,6 +19,7 @@ READERS: dict[str, type[ConversationSource]] = {
     "llava_otter": LlavaOtterBlendSource,
     "refexp": RefExpSource,
     "grounded_chat": GroundedChatSource,
+    "jsonl_images_out": ImageOutputJsonlSource,  # answers that write images as codes (needs an image tokenizer)
 }
 
 

@@ -133,7 +133,18 @@ async function send(event) {
         const chunk = JSON.parse(data);
         if (chunk.error) { failure = chunk.error.message; return false; }
         const delta = chunk.choices[0]?.delta?.content;
-        if (delta) { answer.body.textContent += delta; log.scrollTop = log.scrollHeight; }
+        if (!delta) return;
+        if (Array.isArray(delta)) {  // an image the model drew: a chunk with image parts (docs/serve.md)
+          for (const part of delta) {
+            const img = document.createElement("img");
+            img.src = part.image_url.url;
+            img.alt = "image drawn by the model";
+            answer.body.append(img);
+          }
+        } else {
+          answer.body.append(delta);
+        }
+        log.scrollTop = log.scrollHeight;
       });
     }
   } catch (e) {

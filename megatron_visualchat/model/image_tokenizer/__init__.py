@@ -6,7 +6,8 @@ Chameleon VQ-VAE (encoder only), ``vocab.py`` the one mapping between codes and 
 """
 
 from .base import ImageTokenizer
-from .registry import IMAGE_TOKENIZERS, image_tokenizer_class, load_image_tokenizer
+from .registry import IMAGE_TOKENIZERS, image_tokenizer_class, load_image_tokenizer, parse_image_tokenizer_spec
 from .vocab import ImageCodeVocab
 
-__all__ = ["IMAGE_TOKENIZERS", "ImageCodeVocab", "ImageTokenizer", "image_tokenizer_class", "load_image_tokenizer"]
+__all__ = ["IMAGE_TOKENIZERS", "ImageCodeVocab", "ImageTokenizer", "image_tokenizer_class", "load_image_tokenizer",
+           "parse_image_tokenizer_spec"]

@@ -20,6 +20,15 @@ def image_tokenizer_class(name: str) -> type[ImageTokenizer]:
     return getattr(importlib.import_module(module), cls)
 
 
+def parse_image_tokenizer_spec(text: str) -> tuple[str, str]:
+    """``NAME:DIR`` (a command line's ``--image-tokenizer``) -> (name, directory); the name is checked here."""
+    name, sep, directory = text.partition(":")
+    if not sep or not directory:
+        raise ValueError(f"image tokenizer {text!r}: expected NAME:DIR, e.g. tiny_vqvae:runs/vq")
+    image_tokenizer_class(name)
+    return name, directory
+
+
 def load_image_tokenizer(name: str, directory: str) -> ImageTokenizer:
     """The tokenizer ``name`` with its weights from ``directory`` (safetensors + JSON config; nothing downloaded)."""
     return image_tokenizer_class(name).load(directory)

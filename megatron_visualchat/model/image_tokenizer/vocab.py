@@ -50,6 +50,11 @@ class ImageCodeVocab:
         """Token ids this vocabulary adds: breaks, codes, sentinels."""
         return 2 + self.codebook_size + NUM_CM3_SENTINELS
 
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Every id this vocabulary adds, in order."""
+        return tuple(range(self.base_id, self.base_id + self.num_tokens))
+
     def is_code(self, token_id: int) -> bool:
         return self.first_code_id <= token_id < self.first_code_id + self.codebook_size
 

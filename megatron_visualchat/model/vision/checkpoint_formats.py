@@ -115,7 +115,7 @@ def hf_vit_to_timm(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def timm_vit_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """The inverse of `hf_vit_to_timm` for a CLIP tower (HF `CLIPVisionModel` names without `vision_model.`):
+    """The inverse of `hf_vit_to_timm` for a CLIP or SigLIP tower (HF `CLIPVisionModel` / `SiglipVisionModel` names):
     qkv split back into q/k/v, cls_token / pos_embed reshaped. Keys it does not know raise, naming them."""
     layer_renames = {new: old for old, new in _HF_LAYER_RENAMES.items()}
     top_renames = {new: old for old, new in _HF_TOP_RENAMES.items()}
