@@ -16,6 +16,9 @@ PY=.venv/bin/python
 MV=.venv/bin/megatron-visualchat
 mkdir -p "$OUT"
 done_() { [ -f "$1" ]; }  # a step's last output exists: it finished
+# the single-process runs (one after another) meet on a free port, not torch's default 29500
+export MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-$($PY -c \
+  'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 done_ "$DATA/eval_draw.json" || $PY -m megatron_visualchat.data.synthetic_drawing --out "$DATA" \
   --num-samples "${DRAW_SAMPLES:-2000}" --num-eval "${NUM_EVAL:-40}" --seed 1
@@ -42,8 +45,8 @@ train() {  # NAME ITERS FLAGS...: one tiny single-process run (causal attention:
 }
 
 to_fuse_input() {  # NAME: its chat checkpoint's LLM (and tokenizer) as a converted Megatron checkpoint
-  done_ "$OUT/$1/mg/latest_checkpointed_iteration.txt" || $MV chat-to-megatron --load "$OUT/$1/chat" --out "$OUT/$1/mg" \
-    --force > /dev/null
+  done_ "$OUT/$1/mg/latest_checkpointed_iteration.txt" ||
+    $MV chat-to-megatron --load "$OUT/$1/chat" --out "$OUT/$1/mg" --force > /dev/null
 }
 
 EXTRA=("$@")
@@ -78,5 +81,6 @@ for name in image tuned; do
 done
 $MV eval-replay --load "$OUT/tuned/chat" --image-tokenizer "$VQ" --data "$DATA/eval_text.json" \
   --out-dir "$OUT/eval_text" --max-new-tokens 32 > "$OUT/eval_text.log"
-grep exact_match "$OUT/eval_text/summary.md" | awk -F'|' '{printf "tuned model, held-out text questions: %s%% exact match\n", $5}'
+grep exact_match "$OUT/eval_text/summary.md" |
+  awk -F'|' '{printf "tuned model, held-out text questions: %s%% exact match\n", $5}'
 echo "Drawings: $OUT/eval_draw_tuned/images/. Ask it yourself: $MV chat --load $OUT/tuned/chat --image-tokenizer $VQ"

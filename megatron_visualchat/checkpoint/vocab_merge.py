@@ -158,6 +158,7 @@ class VocabMerge:
     a_rows: torch.Tensor  # long [vocab_size]
     b_rows: torch.Tensor
     a_to_merged: dict  # A's tokenizer id -> merged id
+    b_to_merged: dict  # B's tokenizer id -> merged id
     spelled: dict  # merged id of every piece and named token, by spelling (named tokens first)
     pieces_from_b: int
     a: ParentVocab
@@ -167,6 +168,11 @@ class VocabMerge:
     def vocab_size(self) -> int:
         """Rows of the merged checkpoint: up to the last token a parent has a row for (at least every piece)."""
         return len(self.a_rows)
+
+    def only(self, side: str) -> torch.Tensor:
+        """The merged ids (ascending) of the tokens only parent ``side`` ("a" | "b") has a row for."""
+        own, other = (self.a_rows, self.b_rows) if side == "a" else (self.b_rows, self.a_rows)
+        return torch.nonzero((own >= 0) & (other < 0)).flatten()
 
     def rows(self, a: torch.Tensor, b: torch.Tensor, both: Callable, one: Callable) -> torch.Tensor:
         """The merged rows from A's and B's (unpadded) rows: ``both(rows_a, rows_b)`` for shared tokens,
@@ -194,15 +200,16 @@ class VocabMerge:
                 "merged_sp_model_sha256": self.tokenizer.sha256,
                 "model_a_tokenizer": self.a.fingerprint(), "model_b_tokenizer": self.b.fingerprint()}
 
-    def remap_ids(self, config: dict, where: str) -> None:
-        """A's token ids in a HF config (``HF_ID_KEYS``) -> the merged ids, in place."""
+    def remap_ids(self, config: dict, where: str, side: str = "a") -> None:
+        """Parent ``side``'s token ids in a HF config (``HF_ID_KEYS``) -> the merged ids, in place."""
+        to_merged, parent = (self.a_to_merged, self.a) if side == "a" else (self.b_to_merged, self.b)
         for key in HF_ID_KEYS:
             value = config.get(key)
             if isinstance(value, int) and value >= 0:
-                if value not in self.a_to_merged:
-                    raise CheckpointError(f"{where}: {key}={value} is not a token of {self.a.source}'s tokenizer "
-                                          f"({self.a.tokenizer.vocab_size} tokens)")
-                config[key] = self.a_to_merged[value]
+                if value not in to_merged:
+                    raise CheckpointError(f"{where}: {key}={value} is not a token of {parent.source}'s tokenizer "
+                                          f"({parent.tokenizer.vocab_size} tokens)")
+                config[key] = to_merged[value]
 
     def save(self, out: Path, a_hf_dir: Path) -> None:
         """``out/chat_tokenizer`` (the merged VisualChatTokenizer) and ``out/tokenizer`` (the merged
@@ -266,5 +273,5 @@ def merge_vocabularies(a: ParentVocab, b: ParentVocab) -> VocabMerge:
     b_rows = torch.where(b_tok < b.rows, b_tok, -1)
     with_row = torch.nonzero((a_rows >= 0) | (b_rows >= 0)).flatten()
     size = max(merged.sp_vocab_size, int(with_row[-1]) + 1)
-    a_to_merged = {int(t): m for m, t in enumerate(a_tok.tolist()) if t >= 0}
-    return VocabMerge(merged, a_rows[:size], b_rows[:size], a_to_merged, spelled, from_b, a, b)
+    a_to_merged, b_to_merged = ({int(t): m for m, t in enumerate(ids.tolist()) if t >= 0} for ids in (a_tok, b_tok))
+    return VocabMerge(merged, a_rows[:size], b_rows[:size], a_to_merged, b_to_merged, spelled, from_b, a, b)

@@ -60,7 +60,7 @@ class VisualChatDataset(Dataset):
         if len(self.objectives) != len(sources):
             raise ValueError(f"need one objective per source, got {len(self.objectives)} for {len(sources)}")
         for source, objective in zip(sources, self.objectives):
-            if getattr(source, "WRITES_IMAGE_CODES", False) and not isinstance(encoder.tokenizer, CodeWritingTokenizer):
+            if source.WRITES_IMAGE_CODES and not isinstance(encoder.tokenizer, CodeWritingTokenizer):
                 raise ValueError(f"{source.path}: its answers write images as codes: give an image tokenizer "
                                  f"(--image-tokenizer NAME:DIR; build_train_dataset(image_codes=ImageCodeCache(...)))")
             if objective != "next_token" and encoder.tokenizer.image_vocab is None:

@@ -20,6 +20,7 @@ from megatron_visualchat.checkpoint.chat import (
 from megatron_visualchat.checkpoint.errors import CheckpointError
 from megatron_visualchat.config import JAM_CROSS, ConfigError, ParallelConfig
 from megatron_visualchat.data import VisualChatTokenizer
+from megatron_visualchat.model.jam_cross import JamCrossModel
 from megatron_visualchat.model.lora import fold_adapters
 from megatron_visualchat.model.visualchat import VisualChatModel
 
@@ -29,14 +30,14 @@ def build_chat_model(load_dir: Union[str, Path], *, dtype: torch.dtype = torch.f
     """(model, tokenizer, cfg) for chat at the current TP size, weights from ``load_dir``; model in eval mode.
     ``adapters``: an ``--export-adapters`` directory folded into those weights (``checkpoint/adapters.py``)."""
     cfg = read_chat_config(load_dir)
-    if cfg.fusion.kind == JAM_CROSS:
-        raise ConfigError(f"{load_dir} is a jam-cross model (fuse --method cross): chat, serve and eval-replay do not "
-                          "support it yet (no KV-cached decode of its two towers and cross links); measure it with "
-                          "the trainer's eval loss and held-out accuracy (--eval-interval)")
     # The encoder's weights come from the checkpoint file, not from the path it was trained from.
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, encoder_weights=None),
                       parallel=ParallelConfig(tp=ps.get_tensor_model_parallel_world_size())).validate()
-    model = VisualChatModel(cfg, params_dtype=dtype)
+    if cfg.fusion.kind == JAM_CROSS and adapters is not None:
+        raise ConfigError(f"--adapters {adapters}: {load_dir} is a jam-cross model, which trains no LoRA adapters; "
+                          "drop --adapters")
+    # A jam-cross fusion (fuse --method cross, trained and exported): two text towers, no vision tower.
+    model = (JamCrossModel if cfg.fusion.kind == JAM_CROSS else VisualChatModel)(cfg, params_dtype=dtype)
     load_chat_checkpoint(model, load_dir)
     if adapters is not None:
         fold_adapters(model, *read_adapters(adapters, model))

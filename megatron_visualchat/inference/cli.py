@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_visualchat.checkpoint.chat import read_chat_config
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.config import DTYPES, ConfigError, ParallelConfig
+from megatron_visualchat.config import DTYPES, JAM_CROSS, ConfigError, ParallelConfig
 from megatron_visualchat.data.errors import SampleError
 from megatron_visualchat.data.files import FileRefused
 from megatron_visualchat.data.templates import TEMPLATES
@@ -160,8 +160,11 @@ def run_with_exit_status(prog: str, user_paths: Sequence[Optional[str]], command
 
 
 def _describe(session: ChatSession, args) -> str:
-    att = session.model.cfg.attention
-    return (f"megatron-visualchat chat · {args.load} · attention {att.mode} (split {att.modality_split}) · "
+    cfg = session.model.cfg
+    model = (f"jam-cross towers, cross links every {cfg.fusion.cross_interval} layer(s), text only"
+             if cfg.fusion.kind == JAM_CROSS else
+             f"attention {cfg.attention.mode} (split {cfg.attention.modality_split})")
+    return (f"megatron-visualchat chat · {args.load} · {model} · "
             f"TP={args.tp} · {args.dtype} · {'recompute every round' if args.recompute else 'KV cache reused'}")
 
 

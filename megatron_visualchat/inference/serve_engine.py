@@ -105,9 +105,12 @@ class ServeEngine:
         self.drawing = None if image_tokenizer is None else ImageAnswers(tokenizer, image_tokenizer)
         self.template = get_template(template)
         self.device = next(model.parameters()).device
-        # positions per image: its spliced embeddings, or one marker in cross mode
-        self.num_image_tokens = positions_per_image(model.cfg.attention.mode, model.vision.num_output_tokens)
-        self.image_transform = model.vision.image_transform
+        # positions per image: its spliced embeddings, or one marker in cross mode; a model without a vision
+        # tower (a jam-cross fusion) reads text only and refuses images, as ChatSession
+        vision = model.vision
+        self.num_image_tokens = 0 if vision is None else positions_per_image(model.cfg.attention.mode,
+                                                                             vision.num_output_tokens)
+        self.image_transform = None if vision is None else vision.image_transform
         self.banned = (tokenizer.image_id, tokenizer.pad_id, tokenizer.bos_id,
                        *banned_image_tokens(tokenizer, image_tokenizer))  # as ChatSession
         self.generator = torch.Generator(device=self.device)
@@ -125,6 +128,9 @@ class ServeEngine:
         template = self.template
         if request.system is not None:
             template = dataclasses.replace(template, system=_system_prompt(request.system, template.system))
+        if self.image_transform is None and any(rnd.images for rnd in request.rounds):
+            raise RequestError("this model reads text only (a jam-cross fusion has no vision tower): send the "
+                               "messages without images", param="messages", code="unsupported_content")
         segment, hashes = Segment(), []
         for index, rnd in enumerate(request.rounds):
             pixels = [self.image_transform(im.image) for im in rnd.images]

@@ -124,9 +124,12 @@ class ChatSession:
         self.sampling, self.max_images, self.reuse_cache = sampling, max_images, reuse_cache
         self.device = next(model.parameters()).device
         self.cache = KVCache(1, max_length, self.device)
-        # positions per image: its spliced embeddings, or one marker in cross mode
-        self.num_image_tokens = positions_per_image(model.cfg.attention.mode, model.vision.num_output_tokens)
-        self.image_transform = image_transform or model.vision.image_transform
+        # positions per image: its spliced embeddings, or one marker in cross mode; a model without a vision
+        # tower (a jam-cross fusion) reads text only and refuses images
+        vision = model.vision
+        self.num_image_tokens = 0 if vision is None else positions_per_image(model.cfg.attention.mode,
+                                                                             vision.num_output_tokens)
+        self.image_transform = image_transform or (None if vision is None else vision.image_transform)
         # Never generated: an <image> placeholder, padding, or a BOS inside an answer.
         self._banned = (tokenizer.image_id, tokenizer.pad_id, tokenizer.bos_id,
                         *banned_image_tokens(tokenizer, image_tokenizer))
@@ -169,6 +172,9 @@ class ChatSession:
         if not isinstance(question, str) or not question.strip():
             raise ChatInputError("the message is empty: type a question (images alone are sent with your next "
                                  "message)")
+        if images and self.model.vision is None:
+            raise ChatInputError("this model reads text only (a jam-cross fusion has no vision tower): send the "
+                                 "message without images")
         if len(self.image_names) + len(images) > self.max_images:
             raise ChatInputError(f"too many images: {len(self.image_names)} shown + {len(images)} new > "
                                  f"{self.max_images} allowed per conversation; use clear to start over")

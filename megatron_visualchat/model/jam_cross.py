@@ -12,13 +12,21 @@ zero, so at step 0 (gates 0, W_B 0) the logits are parent A's exactly.
 Pipeline parallelism: every stage holds the same layer range of both towers (and the cross links of those
 layers); the tensor passed between stages is ``[h_A ; h_B]`` stacked along the sequence, ``[2s, b, h]``.
 Text and image codes only: a batch with images (``<image>`` positions or pixels) is refused.
+
+KV-cached decode (chat, eval-replay) runs on megatron-core's static inference context, which keys each
+attention's K/V buffers by layer number, a number both towers and both link directions share. Each of the four
+streams (tower A, tower B, link A-from-B, link B-from-A) therefore sees the context through ``StreamContext``,
+which shifts its layer numbers into a range of its own (stream k: ``k * num_layers + l``); the buffers stay in the
+one dict, so copying a cache copies them all. A link's keys/values are the other tower's layer-l outputs, which
+grow by the new positions each forward, exactly like self-attention's: megatron-core's own bookkeeping appends
+them (``LinkAttention``), and the query and key rotations use the cache offset.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import CrossAttentionSubmodules
+from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -36,6 +44,50 @@ from megatron_visualchat.model.token_codes import MODALITY_IMAGE, unpack_token_c
 NEW_WEIGHTS = ("cross_layers.", "tower_b_output_layer.")  # what fusion adds: always trained
 
 
+STREAMS = ("tower_a", "tower_b", "a_from_b", "b_from_a")  # KV-cache slot ranges, in this order
+
+
+class _ShiftedSlots:
+    """megatron-core's ``key_value_memory_dict`` seen with every layer number shifted by ``offset`` (the static
+    path reads and writes it only by ``in``, ``[]`` and ``[] =``)."""
+
+    def __init__(self, slots: dict, offset: int):
+        self.slots, self.offset = slots, offset
+
+    def __contains__(self, number) -> bool:
+        return number + self.offset in self.slots
+
+    def __getitem__(self, number):
+        return self.slots[number + self.offset]
+
+    def __setitem__(self, number, buffers) -> None:
+        self.slots[number + self.offset] = buffers
+
+
+class StreamContext:
+    """The static inference context as one stream of the fused model sees it: the shared offsets and sizes, its
+    own K/V slots (``STREAMS``). Tower A uses the context itself."""
+
+    def __init__(self, context, stream: str, num_layers: int):
+        self._context = context
+        self.key_value_memory_dict = _ShiftedSlots(context.key_value_memory_dict, STREAMS.index(stream) * num_layers)
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+class LinkAttention(GatedCrossAttention):
+    """A link direction's gated attention. Its keys/values (the other tower's states) grow with every decoded
+    token like self-attention's, so in decode megatron-core's own K/V bookkeeping keeps them (in the slots of the
+    ``StreamContext`` it is given), not ``GatedCrossAttention``'s per-image store."""
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None, **kwargs):
+        output, bias = CrossAttention.forward(self, hidden_states, attention_mask, key_value_states=key_value_states,
+                                              inference_context=inference_context, **kwargs)
+        scale = torch.tanh(self.gate).to(output.dtype)
+        return output * scale, None if bias is None else bias * scale
+
+
 class TowerCrossAttention(MegatronModule):
     """One direction of a cross link: the tower's hidden states attend causally to the other tower's."""
 
@@ -43,16 +95,17 @@ class TowerCrossAttention(MegatronModule):
         super().__init__(config=config)
         self.pre_cross_attn_layernorm = RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
         self.kv_layernorm = RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
-        spec = ModuleSpec(GatedCrossAttention, params={"attn_mask_type": AttnMaskType.arbitrary},
+        spec = ModuleSpec(LinkAttention, params={"attn_mask_type": AttnMaskType.arbitrary},
                           submodules=CrossAttentionSubmodules(
                               linear_q=ColumnParallelLinear, linear_kv=ColumnParallelLinear,
                               core_attention=ModuleSpec(MMCACoreAttention, params={"mode": "causal"}),
                               linear_proj=RowParallelLinear))
         self.cross_attention = build_module(spec, config=config, layer_number=layer_number)
 
-    def forward(self, hidden, other, codes, rotary_pos_emb):
+    def forward(self, hidden, other, codes, rotary_pos_emb, inference_context=None):
         out, bias = self.cross_attention(self.pre_cross_attn_layernorm(hidden), attention_mask=codes,
-                                         key_value_states=self.kv_layernorm(other), rotary_pos_emb=rotary_pos_emb)
+                                         key_value_states=self.kv_layernorm(other), rotary_pos_emb=rotary_pos_emb,
+                                         inference_context=inference_context)
         return hidden + (out if bias is None else out + bias)
 
 
@@ -64,15 +117,21 @@ class CrossLink(MegatronModule):
         self.a_from_b = TowerCrossAttention(config, layer_number)
         self.b_from_a = TowerCrossAttention(config, layer_number)
 
-    def forward(self, h_a, h_b, codes, rotary_pos_emb):
-        return self.a_from_b(h_a, h_b, codes, rotary_pos_emb), self.b_from_a(h_b, h_a, codes, rotary_pos_emb)
+    def forward(self, h_a, h_b, codes, rotary_pos_emb, contexts=None):
+        """``contexts``: in decode, the ``StreamContext`` of each direction (``a_from_b``, ``b_from_a``)."""
+        contexts = contexts or {}
+        return (self.a_from_b(h_a, h_b, codes, rotary_pos_emb, contexts.get("a_from_b")),
+                self.b_from_a(h_b, h_a, codes, rotary_pos_emb, contexts.get("b_from_a")))
 
 
 class JamCrossModel(MegatronModule):
     """This rank's stage of the dual-tower model; the forward signature is VisualChatModel's, so the trainer's step,
-    schedules, checkpoints and exports take it unchanged. State-dict names: ``tower_a.*`` / ``tower_b.*`` (megatron
-    GPTModel names, so converted checkpoints load into each: ``checkpoint/fuse_cross.load_towers``),
-    ``cross_layers.<global layer number>.*`` and ``tower_b_output_layer.weight``."""
+    schedules, checkpoints, exports and chat's KV-cached generation take it unchanged. State-dict names:
+    ``tower_a.*`` / ``tower_b.*`` (megatron GPTModel names, so converted checkpoints load into each:
+    ``checkpoint/fuse_cross.load_towers``), ``cross_layers.<global layer number>.*`` and
+    ``tower_b_output_layer.weight``."""
+
+    vision = None  # no vision tower: chat refuses images for it (inference/session.py)
 
     def __init__(self, cfg: VisualChatConfig, *, params_dtype: torch.dtype = torch.float32, vp_stage=None,
                  transformer_overrides=None):
@@ -117,23 +176,26 @@ class JamCrossModel(MegatronModule):
                 runtime_gather_output=None):
         """As ``VisualChatModel.forward``: per-token loss [b, s] with labels on the last stage, logits [b, s, V/TP]
         without, ``[h_A ; h_B]`` [2s, b, h] on other stages."""
-        if inference_context is not None:
-            raise NotImplementedError("a jam-cross model has no KV-cached decode yet (chat, serve, eval-replay)")
         _check_text_only(attention_mask, pixel_values)
         s = tokens.shape[1]
+        contexts = {} if inference_context is None else {
+            stream: StreamContext(inference_context, stream, self.config.num_layers) for stream in STREAMS[1:]}
         if self.pre_process:
             h_a = self.tower_a.embedding(input_ids=tokens, position_ids=position_ids)
             h_b = self.tower_b.embedding(input_ids=tokens, position_ids=position_ids)
         else:
             received, self._received = self._received, None
             h_a, h_b = received[:s], received[s:]
-        rotary = self.tower_a.rotary_pos_emb(s)  # both towers: one architecture, one rotary base
+        # Both towers: one architecture, one rotary base; in decode it covers the cached positions too.
+        rotary = self.tower_a.rotary_pos_emb(s + (inference_context.sequence_len_offset if contexts else 0))
         for layer_a, layer_b in zip(self.tower_a.decoder.layers, self.tower_b.decoder.layers):
-            h_a, _ = layer_a(hidden_states=h_a, attention_mask=attention_mask, rotary_pos_emb=rotary)
-            h_b, _ = layer_b(hidden_states=h_b, attention_mask=attention_mask, rotary_pos_emb=rotary)
+            h_a, _ = layer_a(hidden_states=h_a, attention_mask=attention_mask, rotary_pos_emb=rotary,
+                             inference_context=inference_context)
+            h_b, _ = layer_b(hidden_states=h_b, attention_mask=attention_mask, rotary_pos_emb=rotary,
+                             inference_context=contexts.get("tower_b"))
             number = str(layer_a.layer_number)
             if number in self.cross_layers:
-                h_a, h_b = self.cross_layers[number](h_a, h_b, attention_mask, rotary)
+                h_a, h_b = self.cross_layers[number](h_a, h_b, attention_mask, rotary, contexts)
         if not self.post_process:
             return torch.cat([h_a, h_b], dim=0)
         h_a, h_b = self.tower_a.decoder.final_layernorm(h_a), self.tower_b.decoder.final_layernorm(h_b)

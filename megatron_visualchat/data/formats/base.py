@@ -22,6 +22,8 @@ def fail(reason: str, detail: str):
 class ConversationSource(ABC):
     """Subclasses parse one record into rounds; this base locates errors and applies the shared checks."""
 
+    WRITES_IMAGE_CODES = False  # answers that write images as VQ codes (formats/images_out.py) need an image tokenizer
+
     def __init__(self, path: str, *, max_rounds: int | None = None):
         if max_rounds is not None and max_rounds < 1:
             raise ValueError(f"max_rounds={max_rounds} must be >= 1 or None")

@@ -40,6 +40,9 @@ class RoundsJsonlSource(RecordsSource):
             question, answer, listed = item.get("question"), item.get("answer"), item.get("images", [])
             if not isinstance(question, str) or not isinstance(answer, str) or not isinstance(listed, list):
                 fail("malformed_conversation", f"round {number} needs string question/answer and a list 'images'")
+            if item.get("output_images") and not self.WRITES_IMAGE_CODES:
+                fail("malformed_conversation", f"round {number} lists 'output_images', which this format would "
+                     f"train as the literal text OUTPUT#k: read the file as jsonl_images_out (with --image-tokenizer)")
             question, placeholders = remove_placeholders(question)
             if placeholders and placeholders != len(listed):
                 fail("image_count_mismatch",

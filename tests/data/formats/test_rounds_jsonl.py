@@ -38,6 +38,8 @@ def test_images_from_a_lazily_read_base64_tsv(tmp_path, write_jsonl, png_bytes):
         ({"rounds": [{"question": "q", "answer": ""}]}, "malformed_conversation"),
         ({"rounds": [{"question": "IMAGE#2?", "answer": "a", "images": ["a.png"]}]}, "malformed_conversation"),
         ({"rounds": [{"question": "q", "answer": "a", "images": [3]}]}, "malformed_conversation"),
+        # an image the answer writes would be trained as the literal text OUTPUT#1 (jsonl_images_out reads it)
+        ({"rounds": [{"question": "Draw", "answer": "OUTPUT#1", "output_images": ["o.png"]}]}, "malformed_conversation"),
     ],
 )
 def test_bad_records(write_jsonl, record, reason):
