@@ -201,7 +201,7 @@ def tokenizer_digest(load_dir: Path) -> Optional[str]:
     return h.hexdigest()
 
 
-def _vocabulary(a: FullTensorReader, b: FullTensorReader) -> Optional[VocabMerge]:
+def merged_vocabulary(a: FullTensorReader, b: FullTensorReader) -> Optional[VocabMerge]:
     """None when the parents share one vocabulary (same size, same tokenizer files): rows fuse one to one.
     Otherwise the merge of their tokenizers (``vocab_merge.py``)."""
     la, lb = a.record.llm, b.record.llm
@@ -266,7 +266,7 @@ def fuse_checkpoints(model_a: Union[str, Path], model_b: Union[str, Path], out_d
     a, b = FullTensorReader(Path(model_a)), FullTensorReader(Path(model_b))
     la, lb = a.record.llm, b.record.llm
     llm = fuse.fused_llm(la, lb, options)
-    vocab = _vocabulary(a, b)
+    vocab = merged_vocabulary(a, b)
     if vocab is not None:
         llm = dataclasses.replace(llm, vocab_size=vocab.vocab_size)
     parallel = ParallelConfig(tp=tp, pp=pp, pp_layers=tuple(pp_layers) if pp_layers else None)
@@ -343,11 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                pp_layers=args.pp_layers, dtype=args.dtype, force=args.force)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"fuse: {e}") from None
-    if args.method in TOWER_METHODS:
-        print(f"fused ({args.method}) -> {out}: two towers; train with --model-preset from-llm-load --llm-load {out}")
-        return 0
-    record = ConversionRecord.load(out)
+    what = "two towers" if args.method in TOWER_METHODS else str(ConversionRecord.load(out).llm)
     tokenizer = out / MERGED_TOKENIZER_DIR
-    print(f"fused ({args.method}) -> {out}: {record.llm}; train it with --model-preset from-llm-load --llm-load {out}"
+    print(f"fused ({args.method}) -> {out}: {what}; train it with --model-preset from-llm-load --llm-load {out}"
           + (f" --tokenizer-dir {tokenizer}" if tokenizer.is_dir() else ""))
     return 0

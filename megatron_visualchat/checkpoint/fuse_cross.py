@@ -37,7 +37,7 @@ from megatron_visualchat.checkpoint.convert import (
     MEGATRON_OUTPUTS, TOKENIZER_DIR, copy_side_files, prepare_out, removed_on_failure,
 )
 from megatron_visualchat.checkpoint.errors import CheckpointError
-from megatron_visualchat.checkpoint.fuse import FullTensorReader, _vocabulary, write_rank_files
+from megatron_visualchat.checkpoint.fuse import FullTensorReader, merged_vocabulary, write_rank_files
 from megatron_visualchat.checkpoint.layout import write_tracker
 from megatron_visualchat.checkpoint.legacy_format import (
     RECORD_FILE, VOCAB_KEYS, ConversionRecord, dtype_from_name, load_megatron_checkpoint,
@@ -153,7 +153,7 @@ def fuse_cross(model_a: Union[str, Path], model_b: Union[str, Path], out_dir: Un
     if not la.untie_embeddings:
         raise CheckpointError("cross fusion starts the joint head from tower A's own output layer: tied embeddings "
                               "are not supported")
-    vocab = _vocabulary(a, b)  # None: one shared vocabulary
+    vocab = merged_vocabulary(a, b)  # None: one shared vocabulary
     llm = la if vocab is None else dataclasses.replace(la, vocab_size=vocab.vocab_size)
     parallel = ParallelConfig(tp=tp, pp=pp, pp_layers=tuple(pp_layers) if pp_layers else None)
     parallel.validate(llm)

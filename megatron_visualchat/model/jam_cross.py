@@ -13,7 +13,7 @@ Pipeline parallelism: every stage holds the same layer range of both towers (and
 layers); the tensor passed between stages is ``[h_A ; h_B]`` stacked along the sequence, ``[2s, b, h]``.
 Text and image codes only: a batch with images (``<image>`` positions or pixels) is refused.
 
-KV-cached decode (chat, eval-replay) runs on megatron-core's static inference context, which keys each
+KV-cached decode (chat, eval-replay, serve) runs on megatron-core's static inference context, which keys each
 attention's K/V buffers by layer number, a number both towers and both link directions share. Each of the four
 streams (tower A, tower B, link A-from-B, link B-from-A) therefore sees the context through ``StreamContext``,
 which shifts its layer numbers into a range of its own (stream k: ``k * num_layers + l``); the buffers stay in the
@@ -131,7 +131,7 @@ class JamCrossModel(MegatronModule):
     ``checkpoint/fuse_cross.load_towers``), ``cross_layers.<global layer number>.*`` and
     ``tower_b_output_layer.weight``."""
 
-    vision = None  # no vision tower: chat refuses images for it (inference/session.py)
+    vision = None  # no vision tower: chat and serve refuse images for it (inference/session.py, serve_engine.py)
 
     def __init__(self, cfg: VisualChatConfig, *, params_dtype: torch.dtype = torch.float32, vp_stage=None,
                  transformer_overrides=None):

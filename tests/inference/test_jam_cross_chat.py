@@ -54,6 +54,7 @@ def jam_ckpt(tok_dir, tmp_path_factory) -> str:
 
 
 def _chat(ckpt, image, data=None, out_dir=None):
+    from megatron_visualchat.config import ConfigError
     from megatron_visualchat.inference.checkpoint import build_chat_model
     from megatron_visualchat.inference.sampling import SamplingParams, restrict_vocabulary
     from megatron_visualchat.inference.session import ChatInputError, ChatSession
@@ -86,6 +87,8 @@ def _chat(ckpt, image, data=None, out_dir=None):
         image_error = ""
     except ChatInputError as e:
         image_error = str(e)
+    with pytest.raises(ConfigError, match="trains no LoRA adapters; drop --adapters"):
+        build_chat_model(ckpt, adapters=ckpt)
     return dict(out, full_tokens=[s.argmax(-1).tolist() for s in steps],
                 err=max(d[0] for d in diffs), scale=max(d[1] for d in diffs),
                 link_effect=max_abs_diff(closed, full)[0], image_error=image_error, serve=_serve(model, tok, image),

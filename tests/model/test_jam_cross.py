@@ -1,6 +1,7 @@
 """JAM-Cross end to end: ``fuse --method cross`` writes both parents as towers at any TP/PP; the model built from
 its record gives parent A's logits exactly while the gates are closed (and others once they open); the trainer
-trains it from ``--model-preset from-llm-load``; what it cannot do is refused by name."""
+trains it from ``--model-preset from-llm-load`` and its ``--export-dir`` answers in a chat session; what it cannot
+do is refused by name."""
 
 import json
 
@@ -123,16 +124,23 @@ def test_images_and_image_options_are_refused():
 # ------------------------------------------------------------------------------------------------- training
 
 def _train_then_chat(argv: list, export: str):
+    """Train, export, and (one pipeline stage: inference is tensor-parallel only) answer through a chat session."""
+    from megatron.core import parallel_state as ps
+
     from megatron_visualchat.inference.checkpoint import build_chat_model
+    from megatron_visualchat.inference.sampling import SamplingParams
+    from megatron_visualchat.inference.session import ChatSession
+    from megatron_visualchat.model.jam_cross import JamCrossModel
     from megatron_visualchat.training.arguments import parse_args
     from megatron_visualchat.training.pretrain import train
 
     losses = train(parse_args(argv))["losses"]
-    try:
-        build_chat_model(export)
-    except ConfigError as e:
-        return losses, str(e)
-    return losses, None
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        return losses, None
+    model, tok, _ = build_chat_model(export)
+    assert isinstance(model, JamCrossModel)
+    session = ChatSession(model, tok, sampling=SamplingParams(max_new_tokens=4, stop_on_eos=False))
+    return losses, session.ask("what is 3 plus 3?").token_ids
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +166,9 @@ def train_argv(parents):
 
 def test_the_trainer_trains_the_fusion(train_argv, tmp_path):
     argv = train_argv + ["--export-dir", str(tmp_path / "chat")]
-    losses, refusal = run_parallel(_train_then_chat, args=(argv, str(tmp_path / "chat")))[0]
+    losses, answer = run_parallel(_train_then_chat, args=(argv, str(tmp_path / "chat")))[0]
     assert losses[-1] < losses[0] - 0.5, losses  # measured: 6.43, 6.48, 5.82, 5.24
-    assert refusal is not None and "jam-cross" in refusal
+    assert len(answer) == 4  # the exported fusion talks (tests/inference/test_jam_cross_chat.py checks the decode)
     from megatron_visualchat.checkpoint.hf_llava_export import export_hf
 
     with pytest.raises(CheckpointError, match="two towers"):  # nor is it exported as a one-decoder HF model
