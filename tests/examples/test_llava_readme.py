@@ -1,6 +1,6 @@
 """The README's "Start from LLaVA-1.5" commands on a tiny random LLaVA: import-hf for real, the fine-tune as a
 dry run (every flag, path and the imported checkpoint checked, the model built at TP=2 on the meta device), then
-import --chat and export-hf for real. Only sizes and paths are swapped for the tiny model's."""
+import --chat and export-hf for real (the export of the fine-tune's output is skipped: the dry run writes none). Only sizes and paths are swapped for the tiny model's."""
 
 import json
 import re
@@ -28,6 +28,9 @@ def test_llava_readme_sequence(tmp_path):
     for command in readme_commands():
         if command.startswith("megatron-visualchat chat "):
             continue  # interactive
+        if "--load runs/llava-mmca/chat" in command:
+            continue  # the fine-tune is a dry run and writes no model; tests/checkpoint/test_hf_remote_export.py
+            # exports MMCA chat models like it through this command's code
         for old, new in SWAPS.items():
             command = command.replace(old, new)
         command = re.sub(r"^LLAVA=\S+ OUT=\S+", f"LLAVA={llava} OUT={tmp_path}/out", command)
