@@ -20,7 +20,7 @@ done_() { [ -f "$1" ]; }  # a step's last output exists: it finished
 export MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-$($PY -c \
   'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
-done_ "$DATA/eval_draw.json" || $PY -m megatron_visualchat.data.synthetic_drawing --out "$DATA" \
+done_ "$DATA/tokenizer/added_tokens.json" || $PY -m megatron_visualchat.data.synthetic_drawing --out "$DATA" \
   --num-samples "${DRAW_SAMPLES:-2000}" --num-eval "${NUM_EVAL:-40}" --seed 1
 
 # 1. the image tokenizer (16 px images, 16 codes each, codebook 32) trains on one core while the text model trains
